@@ -1,0 +1,1 @@
+"""slimstep: rectified-flow teacher compressed into small one-step students."""

@@ -1,0 +1,211 @@
+"""`slimstep`: the commands a user types. The app layer: it reads argv and params.yaml, the library does not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Compress a rectified-flow teacher into small one-step generators.", no_args_is_help=True
+)
+console = Console()
+PARAMS, CONFIGS, LEADERBOARD = Path("params.yaml"), Path("configs"), Path("reports/leaderboard.csv")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    fa, fb = _flat(a), _flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _committed_params() -> dict[str, Any] | None:
+    shown = subprocess.run(["git", "show", f"HEAD:{PARAMS}"], capture_output=True, text=True)
+    return yaml.safe_load(shown.stdout) if shown.returncode == 0 else None
+
+
+def profiles() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+def validate_or_exit() -> Any:
+    from pipeline.config import ParamsError, load_params
+
+    try:
+        return load_params(PARAMS)
+    except ParamsError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def profile(
+    name: Annotated[str, typer.Argument(help="smoke | digits | toy2d | cifar10")],
+    force: Annotated[
+        bool, typer.Option("--force", help="overwrite uncommitted edits to params.yaml")
+    ] = False,
+) -> None:
+    """Write a profile's complete parameter set into params.yaml (what DVC tracks)."""
+    source = CONFIGS / f"{name}.yaml"
+    if not source.exists():
+        _fail(f"no profile {name!r}; available: {', '.join(profiles())}")
+    if PARAMS.exists() and not force:
+        current = yaml.safe_load(PARAMS.read_text())
+        saved = [yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")]
+        committed = _committed_params()
+        if current != committed and current not in saved:
+            reference = committed if committed is not None else saved[0]
+            keys = ", ".join(_differences(current, reference)) or "(formatting only)"
+            _fail(f"params.yaml has uncommitted edits ({keys}); commit them or pass --force")
+    shutil.copyfile(source, PARAMS)
+    console.print(f"params.yaml ← {source} (run [bold]dvc repro[/bold] or [bold]make run[/bold])")
+
+
+@app.command()
+def validate() -> None:
+    """Check params.yaml against the schema; name every bad key, its value and what is allowed."""
+    params = validate_or_exit()
+    console.print(f"params.yaml is valid (profile {params.profile})")
+
+
+def print_leaderboard(path: Path = LEADERBOARD) -> None:
+    import pandas as pd
+
+    if not path.exists():
+        return
+    board = pd.read_csv(path)
+    table = Table(title=f"Leaderboard ({path})")
+    columns = [
+        "model",
+        "sampler",
+        "nfe",
+        "params",
+        "fd",
+        "fd_std",
+        "fd_heldout",
+        "class_acc",
+        "samples_per_s",
+    ]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "sampler") else "right")
+    for row in board.to_dict("records"):
+        table.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+    console.print(table)
+    console.print(f"Sample grids: {Path('reports/grids').resolve()}  ·  plot: reports/quality_nfe.png")
+
+
+@app.command()
+def repro(
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")
+    ] = None,
+    profile_name: Annotated[str | None, typer.Option("--profile", help="switch profile first")] = None,
+) -> None:
+    """Validate params, then `dvc repro` under one MLflow parent run; print the leaderboard."""
+    from pipeline import tracking
+
+    if profile_name:
+        profile(profile_name, force=False)
+    params = validate_or_exit()
+    parent = tracking.start_pipeline_run(f"repro-{params.profile}", {"slimstep.profile": params.profile})
+    env = {**os.environ, **({tracking.PARENT_ENV: parent} if parent else {})}
+    code = subprocess.run(["dvc", "repro", *(targets or [])], env=env).returncode
+    tracking.end_pipeline_run(parent, code == 0)
+    if code:
+        raise typer.Exit(code)
+    print_leaderboard()
+
+
+@app.command()
+def sample(
+    model: Annotated[str, typer.Argument(help="a stage name (teacher, distill@fgd, …) or a model folder")],
+    n: Annotated[int, typer.Option(help="number of samples")] = 64,
+    labels: Annotated[str | None, typer.Option(help="comma-separated class ids (default: cycle all)")] = None,
+    out: Annotated[Path, typer.Option(help="grid.png or samples.npz")] = Path("samples.png"),
+    sampler: Annotated[str | None, typer.Option(help="override the model's own sampler")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+) -> None:
+    """Sample any trained model with its own sampler settings; write a labelled grid (.png) or arrays (.npz)."""
+    import numpy as np
+    import torch
+
+    from pipeline.flow import sample as run_sampler
+    from pipeline.modelio import load_model
+    from pipeline.plots import sample_grid
+
+    folder = Path(model) if Path(model).is_dir() else Path("models") / model
+    try:
+        loaded = load_model(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    meta = loaded.meta
+    classes = meta["num_classes"]
+    wanted = [int(c) for c in labels.split(",")] if labels else list(range(classes))
+    if any(c < 0 or c >= classes for c in wanted):
+        _fail(f"--labels must lie in 0..{classes - 1}")
+    label = torch.tensor(wanted).repeat(n // len(wanted) + 1)[:n].sort().values
+    z = torch.randn((n, *meta["data_shape"]), generator=torch.Generator().manual_seed(seed))
+    name = sampler or ("onestep" if meta["kind"] != "flow" else meta.get("default_sampler", "dopri5-1e-05"))
+    result = run_sampler(loaded.net, z, label, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        np.savez(out, images=result.x.numpy(), labels=label.numpy())
+    else:
+        sample_grid(result.x, label, classes, out, f"{meta['stage']} ({name}, NFE {result.nfe})")
+    console.print(f"{n} samples from {folder} with {name} (NFE {result.nfe}) → {out}")
+
+
+@app.command("import-data")
+def import_data(
+    source: Annotated[
+        Path, typer.Argument(help="a cifar-10-batches-py folder or an .npz with images and labels")
+    ],
+) -> None:
+    """Copy a local data set into inputs/ (so DVC hashes it) and point params.yaml's data section at it."""
+    if not source.exists():
+        _fail(f"{source}: no such file or folder")
+    target = Path("inputs") / source.name
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        dataset = "cifar10"
+    elif source.suffix == ".npz":
+        shutil.copyfile(source, target)
+        dataset = "npz"
+    else:
+        _fail(f"{source}: expected a folder (CIFAR-10 python batches) or an .npz file")
+    params = yaml.safe_load(PARAMS.read_text())
+    params["data"].update(dataset=dataset, path=str(target))
+    PARAMS.write_text(yaml.safe_dump(params, sort_keys=False))
+    console.print(f"imported {source} → {target}; data.dataset = {dataset}, data.path = {target}")
+
+
+@app.command()
+def clean() -> None:
+    """Remove resume checkpoints left in scratch/ by interrupted stages (`dvc gc` cleans DVC's cache)."""
+    scratch = Path("scratch")
+    size = sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file()) if scratch.exists() else 0
+    shutil.rmtree(scratch, ignore_errors=True)
+    console.print(f"removed scratch/ ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    app()

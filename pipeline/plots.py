@@ -1,0 +1,71 @@
+"""Pictures people would rather look at than read: sample grids, 2-D scatters, quality against NFE."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from pipeline.atomic import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def sample_grid(x: Tensor, labels: Tensor, num_classes: int, path: Path, title: str = "") -> None:
+    """Images (N, C, H, W) in [-1, 1] as one row per class, labelled; 2-D data as a scatter coloured by class."""
+    x, labels = x.detach().float().cpu(), labels.cpu()
+    if x.dim() == 2:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(x[:, 0], x[:, 1], c=labels, cmap="tab10", s=3)
+        ax.set_aspect("equal")
+        ax.set_title(title)
+        _save(fig, path)
+        return
+    per_class = max(int((labels == c).sum()) for c in range(num_classes))
+    fig, axes = plt.subplots(
+        num_classes, per_class, figsize=(per_class * 0.6, num_classes * 0.6), squeeze=False
+    )
+    for c in range(num_classes):
+        images = x[labels == c]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(images):
+                image = ((images[j].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+                ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        axes[c, 0].text(
+            -0.6, 0.5, str(c), transform=axes[c, 0].transAxes, va="center", ha="right", fontsize=8
+        )
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def quality_vs_nfe(board: pd.DataFrame, path: Path, floor: float | None = None) -> None:
+    """FD against NFE (log x), one marker per model × sampler, marker area ∝ parameters."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    rows = board[board["nfe"] > 0]
+    sizes = 20 + 300 * np.sqrt(rows["params"] / max(rows["params"].max(), 1))
+    for model, group in rows.groupby("model", sort=False):
+        index = group.index
+        ax.scatter(group["nfe"], group["fd"], s=sizes[index], alpha=0.7, label=model)
+        ax.errorbar(group["nfe"], group["fd"], yerr=group["fd_std"], fmt="none", ecolor="grey", lw=0.8)
+    if floor is not None:
+        ax.axhline(floor, ls="--", c="k", lw=0.8, label="real-data floor")
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE (network calls per sample)")
+    ax.set_ylabel("FD vs train (lower is better)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

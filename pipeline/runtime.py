@@ -1,0 +1,43 @@
+"""Where a stage runs: device choice, CPU threads and (under torchrun) the DDP process group."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` → the GPU this process was given (CUDA_VISIBLE_DEVICES, LOCAL_RANK) or the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device = cuda was asked for, but torch sees no CUDA device")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def configure_threads() -> int:
+    """Use the thread count the scheduler gave this stage (SLIMSTEP_THREADS), else torch's default."""
+    threads = int(os.environ.get("SLIMSTEP_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -1,0 +1,196 @@
+"""The one training loop every stage uses: EMA, warm-up, clipping, AMP, DDP, checkpoint/resume, progress.
+
+Losses are objects called `loss(net, batch, step)`; the loop knows nothing about what they compute.
+Resuming restores weights, EMA, optimiser, RNG states, the batch source and the loss's own state, so a
+killed run ends with the same weights as one that was never interrupted (on CPU, same thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_torch_save
+from pipeline.config import TrainSection
+from pipeline.flow import Batch
+from pipeline.runtime import is_main_process, world_size
+
+CHECKPOINT_FORMAT = 1
+
+
+class Loss(Protocol):
+    def __call__(self, net: nn.Module, batch: Batch, step: int) -> torch.Tensor: ...
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class NullTracker:
+    """Tracker that records nothing: for unit tests and library use without MLflow."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        return None
+
+
+class EMA:
+    """Exponential moving average of weights with the official warm-up `min(mu, (1 + n) / (10 + n))`."""
+
+    def __init__(self, net: nn.Module, mu: float) -> None:
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.mu = mu
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, n: int) -> None:
+        decay = min(self.mu, (1 + n) / (10 + n))
+        ema_params = list(self.net.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in net.parameters()], 1.0 - decay)
+        for ema_buffer, buffer in zip(self.net.buffers(), net.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+
+def learning_rate(step: int, settings: TrainSection) -> float:
+    """Linear warm-up, then constant or cosine decay to zero; a pure function of the step (nothing to resume)."""
+    warm = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+    if settings.lr_schedule == "cosine":
+        return settings.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / settings.steps)))
+    return settings.lr * warm
+
+
+@dataclass
+class TrainResult:
+    net: nn.Module  # raw weights (DDP unwrapped)
+    ema: nn.Module  # the EMA copy: what is sampled, evaluated and used as a teacher
+    losses: list[float] = field(
+        default_factory=list
+    )  # loss at every step of this process (resumed ones included)
+    resumed_from: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _state_of(obj: Any) -> Any:
+    return obj.state_dict() if hasattr(obj, "state_dict") else None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format_version") != CHECKPOINT_FORMAT:
+        return None  # an older layout: start over rather than guess
+    return state
+
+
+def train(
+    net: nn.Module,
+    loss: Loss,
+    batches: Iterator[Batch],
+    settings: TrainSection,
+    checkpoint: Path | None = None,
+    tracker: Tracker | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `net` for `settings.steps` optimiser steps; resume from `checkpoint` when it exists.
+
+    `stop_after` ends the run early (after that many total steps, checkpoint written) — how tests
+    simulate a killed stage.
+    """
+    tracker = tracker or NullTracker()
+    device = next(net.parameters()).device
+    torch.manual_seed(settings.seed)
+    ema = EMA(net, settings.ema_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    start, losses = 0, []
+
+    # Resume.
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.net.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        if state["batches"] is not None:
+            batches.load_state_dict(state["batches"])  # type: ignore[attr-defined]
+        if state["loss"] is not None:
+            loss.load_state_dict(state["loss"])  # type: ignore[attr-defined]
+        start, losses = int(state["step"]), state["losses"].tolist()
+
+    model = net
+    if world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    use_amp = settings.amp and device.type == "cuda"
+    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not (progress and sys.stderr.isatty()))
+
+    def save() -> None:
+        if checkpoint is None or not is_main_process():
+            return
+        atomic_torch_save(
+            {
+                "format_version": CHECKPOINT_FORMAT,
+                "step": step + 1,
+                "net": net.state_dict(),
+                "ema": ema.net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(),
+                "batches": _state_of(batches),
+                "loss": _state_of(loss),
+                "losses": torch.tensor(losses, dtype=torch.float64),
+            },
+            checkpoint,
+        )
+
+    # Optimise.
+    model.train()
+    for step in range(start, end):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        batch = next(batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            value = loss(model, batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if settings.grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
+        optimizer.step()
+        ema.update(net, step)
+        losses.append(value.item())
+        bar.update(1)
+
+        # Record.
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+            recent = losses[-settings.log_every :]
+            metrics = {"train/loss": sum(recent) / len(recent), "train/lr": optimizer.param_groups[0]["lr"]}
+            metrics.update({f"train/{k}": float(v) for k, v in getattr(loss, "last_metrics", {}).items()})
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            if is_main_process():
+                tracker.log_metrics(metrics, step=step + 1)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == end:
+            save()
+    bar.close()
+    return TrainResult(net=net, ema=ema.net, losses=losses, resumed_from=start)

@@ -1,0 +1,126 @@
+"""What every stage does around its own work: validate params, pick the device, open its MLflow run.
+
+A bad params file stops the stage before any work with one readable message (no traceback) and exit
+code 2. DVC has already removed this stage's own outs; they stay in its cache (`dvc checkout`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import tracking
+from pipeline.atomic import atomic_write_text
+from pipeline.config import Params, ParamsError, TrainSection, load_params
+from pipeline.runtime import configure_threads, init_distributed, is_main_process, resolve_device
+from pipeline.training import TrainResult, train
+
+PARAMS_FILE = Path(os.environ.get("SLIMSTEP_PARAMS", "params.yaml"))
+SCRATCH = Path("scratch")  # git-ignored, not declared in dvc.yaml: checkpoints live here
+METRICS = Path("metrics")
+FAULT_ENV = "SLIMSTEP_FAIL_ONCE"  # tests inject one failure of a named stage (retry/resume checks)
+
+
+@dataclass
+class Stage:
+    name: str
+    params: Params
+    device: torch.device
+    tracker: tracking.MlflowTracker | tracking.NullTracker
+
+    def checkpoint(self, section: Any, inputs: list[Path]) -> Path:
+        """Scratch path keyed by stage, its params and its inputs' contents (new inputs never resume stale work)."""
+        digest = hashlib.sha256(self.name.encode())
+        digest.update(json.dumps(_dump(section), sort_keys=True).encode())
+        for path in inputs:
+            for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+                digest.update(file.read_bytes())
+        folder = SCRATCH / self.name.replace("@", "-") / digest.hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / "checkpoint.pt"
+
+    def train(
+        self,
+        net: nn.Module,
+        loss: Any,
+        batches: Any,
+        settings: TrainSection,
+        section: Any,
+        inputs: list[Path],
+    ) -> TrainResult:
+        """The training loop with this stage's checkpoint, tracker and progress label."""
+        marker = _fault_marker(self.name)
+        result = train(
+            net, loss, batches, settings,
+            checkpoint=self.checkpoint(section, inputs), tracker=self.tracker, desc=self.name,
+            stop_after=settings.steps // 2 if marker else None,
+        )  # fmt: skip
+        if marker:
+            marker.write_text(f"stopped at step {settings.steps // 2}")
+            raise RuntimeError(f"injected failure of stage {self.name} ({FAULT_ENV})")
+        return result
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """The stage's DVC metrics file, mirrored to MLflow with `/`-sectioned names."""
+        if not is_main_process():
+            return
+        path = METRICS / f"{self.name.replace('@', '-')}.json"
+        atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True))
+        flat = {
+            k.replace(".", "/"): v for k, v in tracking.flatten(metrics).items() if isinstance(v, int | float)
+        }
+        self.tracker.log_metrics(flat)
+
+
+def _dump(section: Any) -> Any:
+    return section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+
+
+def read_params() -> Params:
+    try:
+        return load_params(PARAMS_FILE)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(
+            "Nothing was run. If DVC removed this stage's previous outputs before running it, "
+            "`dvc checkout` restores them from the cache.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
+def _fault_marker(name: str) -> Path | None:
+    """`SLIMSTEP_FAIL_ONCE=<stage>:<marker file>` makes that stage die halfway once (the marker records it)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith(f"{name}:"):
+        marker = Path(spec.split(":", 1)[1])
+        return None if marker.exists() else marker
+    return None
+
+
+@contextmanager
+def stage(name: str, section_keys: list[str]) -> Iterator[Stage]:
+    """Validate the whole params file, then open the stage's MLflow run with the sections it reads."""
+    params = read_params()
+    configure_threads()
+    device = resolve_device(params.device)
+    init_distributed(device)
+    logged = {key: _dump(getattr(params, key)) for key in section_keys}
+    tags = {"slimstep.profile": params.profile, "dvc.stage": name}
+    if not is_main_process():
+        yield Stage(name, params, device, tracking.NullTracker())
+        return
+    with tracking.stage_run(name, logged, tags) as tracker:
+        yield Stage(name, params, device, tracker)
+    shutil.rmtree(SCRATCH / name.replace("@", "-"), ignore_errors=True)  # done: nothing left to resume

@@ -1,0 +1,81 @@
+"""Stage `eval`: every model × sampler on the same noise → leaderboard, DVC metrics and plots, sample grids."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.atomic import atomic_write_text
+from pipeline.data import load_split
+from pipeline.evaluation import eval_noise, evaluate_sampler, flow_straightness, make_reference, real_floor
+from pipeline.flow import sample
+from pipeline.modelio import load_model
+from pipeline.nets import count_macs, count_params
+from pipeline.plots import quality_vs_nfe, sample_grid
+from stages.common import stage
+
+REPORTS, MODELS = Path("reports"), Path("models")
+COLUMNS = ["model", "sampler", "nfe", "params", "macs_per_sample", "fd", "fd_std", "fd_heldout", "fd_heldout_std",
+           "precision", "recall", "class_acc", "memorisation", "out_of_range", "straightness", "samples_per_s",
+           "latency_ms"]  # fmt: skip
+
+
+METRIC_KEYS = ("fd", "fd_std", "fd_heldout", "nfe", "params")
+
+
+def model_dirs() -> list[Path]:
+    """Every generative model on disk, the teacher first."""
+    dirs = [d for d in sorted(MODELS.iterdir()) if (d / "meta.json").exists() and d.name != "featurizer"]
+    return sorted(dirs, key=lambda d: d.name != "teacher")
+
+
+def main() -> None:
+    with stage("eval", ["eval"]) as s:
+        p, split = s.params.eval, load_split(Path("data"))
+        shape, classes = split.train.shape, split.train.num_classes
+        featurizer = load_model(MODELS / "featurizer").net
+        n = p.n_samples or len(split.test)
+        ref = make_reference(torch.from_numpy(split.train.x), torch.from_numpy(split.test.x),
+                             torch.from_numpy(split.test.labels), featurizer, n)  # fmt: skip
+        noise = eval_noise(shape, n, p.seeds)
+        rows = [{"model": "real", "params": 0, "macs_per_sample": 0, **real_floor(ref, p.knn_k)}]
+        grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class)
+        grid_noise = torch.randn((len(grid_labels), *shape), generator=torch.Generator().manual_seed(0))
+        (REPORTS / "grids").mkdir(parents=True, exist_ok=True)
+        for directory in model_dirs():
+            model = load_model(directory)
+            net, meta = model.net, model.meta
+            onestep = meta["kind"] != "flow"
+            samplers = (
+                ["onestep"]
+                if onestep
+                else (p.teacher_samplers if meta["stage"] == "teacher" else p.flow_samplers)
+            )
+            macs = count_macs(net, shape, classes)
+            s_value = float("nan") if onestep else flow_straightness(net, ref, noise)
+            for sampler in samplers:
+                row = evaluate_sampler(net, sampler, ref, noise, p.batch_size, p.knn_k, p.timing_batch)
+                rows.append({"model": meta["stage"], "params": count_params(net), "straightness": s_value,
+                             **row, "macs_per_sample": macs * row["nfe"]})  # fmt: skip
+                print(f"{meta['stage']:>16} {row['sampler']:>14}  nfe {row['nfe']:6.1f}  fd {row['fd']:.3f}")
+            grid_sampler = "onestep" if onestep else meta.get("default_sampler", "dopri5-1e-05")
+            grid = sample(net, grid_noise, grid_labels, grid_sampler).x
+            grid_path = REPORTS / "grids" / f"{meta['stage'].replace('@', '-')}.png"
+            sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})")
+            s.tracker.log_artifact(grid_path, "grids")
+
+        board = pd.DataFrame(rows).reindex(columns=COLUMNS)
+        atomic_write_text(REPORTS / "leaderboard.csv", board.to_csv(index=False, float_format="%.6g"))
+        board[["model", "sampler", "nfe", "fd", "fd_std"]].to_csv(REPORTS / "quality_nfe.csv", index=False)
+        quality_vs_nfe(board, REPORTS / "quality_nfe.png", floor=rows[0]["fd"])
+        metrics = {f"{r['model']}/{r['sampler']}": {k: None if pd.isna(r[k]) else r[k] for k in METRIC_KEYS}
+                   for r in board.to_dict("records")}  # fmt: skip
+        atomic_write_text(REPORTS / "metrics.json", json.dumps(metrics, indent=2))
+        s.tracker.log_artifact(REPORTS / "leaderboard.csv")
+        s.tracker.log_artifact(REPORTS / "quality_nfe.png")
+        s.tracker.log_metrics({f"{k}/fd": v["fd"] for k, v in metrics.items()})
+
+
+if __name__ == "__main__":
+    main()

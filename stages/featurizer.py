@@ -1,0 +1,40 @@
+"""Stage `featurizer`: the classifier whose features FD, precision/recall and class accuracy use."""
+
+from pathlib import Path
+
+import torch
+
+from pipeline.data import RandomBatches, load_split
+from pipeline.featurizer import Classifier, CrossEntropy, Identity, features, predict
+from pipeline.metrics import class_accuracy, feature_health
+from pipeline.modelio import save_model
+from stages.common import stage
+
+OUT = Path("models/featurizer")
+
+
+def main() -> None:
+    with stage("featurizer", ["featurizer"]) as s:
+        p, split = s.params.featurizer, load_split(Path("data"))
+        meta = {"stage": "featurizer", "kind": "featurizer", "data_shape": list(split.train.shape),
+                "num_classes": split.train.num_classes, "width": p.width}  # fmt: skip
+        if len(split.train.shape) == 1:  # 2-D points: FD of the raw coordinates
+            save_model(OUT, Identity(), {**meta, "identity": True})
+            s.write_metrics({"identity": True})
+            return
+        torch.manual_seed(p.seed)
+        net = Classifier(split.train.shape, split.train.num_classes, p.width).to(s.device)
+        batches = RandomBatches(split.train, p.batch_size, p.seed, s.device)
+        result = s.train(net, CrossEntropy(), batches, p, p, [Path("data")])
+        classifier = result.ema.cpu()
+        test_x = torch.from_numpy(split.test.x)
+        health = feature_health(features(classifier, test_x))
+        save_model(OUT, classifier, meta)
+        s.write_metrics({
+            "heldout_acc": class_accuracy(predict(classifier, test_x), torch.from_numpy(split.test.labels)),
+            "feature_rank": health.rank, "dead_units": health.dead_units,
+        })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

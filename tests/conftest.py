@@ -1,0 +1,74 @@
+"""Shared fixtures: the smoke repository is built once per test session and copied for each test that needs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# What a fresh clone holds (the tracked project), without outputs, caches or the venv.
+PROJECT_FILES = ["pyproject.toml", "dvc.yaml", "params.yaml", "Makefile", ".dvcignore", ".gitignore",
+                 "configs", "pipeline", "stages", "inputs", "benchmarks"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_and_small() -> None:
+    """Tiny unit-test tensors run faster on one thread; keep telemetry off everywhere."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true"
+    )
+
+
+def run(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def make_project(dest: Path, profile: str = "smoke") -> Path:
+    """A git + DVC repository holding the project's tracked files, switched to `profile`, MLflow in its own DB."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+        elif source.exists():
+            shutil.copy2(source, dest / name)
+    (dest / ".dvc").mkdir()
+    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    shutil.copy2(ROOT / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], dest)
+    run(["slimstep", "profile", profile], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke chain, run once through `slimstep repro` (a parent MLflow run with a child per stage)."""
+    repo = make_project(tmp_path_factory.mktemp("smoke") / "repo")
+    run(["slimstep", "repro"], repo)
+    return repo
+
+
+@pytest.fixture
+def smoke_copy(smoke_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished smoke repository (DVC cache, lock and MLflow DB included)."""
+    dest = tmp_path / "repo"
+    shutil.copytree(smoke_repo, dest, symlinks=True)
+    return dest

@@ -1,0 +1,96 @@
+"""End to end on the smoke profile: real DVC, real MLflow (SQLite in the temp repo)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+COLUMNS = {"model", "sampler", "nfe", "params", "fd", "fd_std", "fd_heldout", "precision", "recall", "class_acc",
+           "samples_per_s"}  # fmt: skip
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def edit_params(repo: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_smoke_chain_leaderboard_and_status(smoke_repo: Path) -> None:
+    board = pd.read_csv(smoke_repo / "reports/leaderboard.csv")
+    assert set(board.columns) >= COLUMNS
+    real = board[board["model"] == "real"].iloc[0]
+    assert real["fd"] > 0 and real["class_acc"] > 0.8
+    teacher = board[board["model"] == "teacher"]
+    assert set(teacher["sampler"]) >= {"euler-1", "dopri5-0.001"}
+    assert (teacher["params"] > 0).all() and (teacher["fd_std"] > 0).all()
+    assert teacher.set_index("sampler").loc["euler-4", "nfe"] == 4
+    assert (smoke_repo / "reports/grids/teacher.png").stat().st_size > 1000
+    assert "up to date" in run(["dvc", "status"], smoke_repo).stdout
+
+
+def test_mlflow_parent_with_a_child_per_stage(smoke_repo: Path) -> None:
+    with sqlite3.connect(smoke_repo / "mlflow.db") as db:
+        tags = db.execute("select run_uuid, key, value from tags").fetchall()
+        steps = db.execute("select count(*) from metrics where key = 'train/loss'").fetchone()[0]
+    parents = {run for run, key, value in tags if key == "slimstep.kind" and value == "pipeline"}
+    children = {value for run, key, value in tags if key == "mlflow.parentRunId"}
+    stages = {value for run, key, value in tags if key == "slimstep.stage"}
+    assert len(parents) == 1 and children == parents
+    assert stages >= {"data", "featurizer", "teacher", "eval"}
+    assert steps >= 2  # per-step loss curves were logged
+
+
+def test_eval_param_change_reruns_only_eval(smoke_copy: Path) -> None:
+    edit_params(smoke_copy, "eval", "knn_k", 4)
+    assert ran_stages(run(["dvc", "repro"], smoke_copy).stdout) == {"eval"}
+
+
+def test_teacher_param_change_reruns_teacher_and_downstream(smoke_copy: Path) -> None:
+    edit_params(smoke_copy, "teacher", "lr", 0.002)
+    stages = ran_stages(run(["dvc", "repro"], smoke_copy).stdout)
+    assert "teacher" in stages and "eval" in stages
+    assert not stages & {"data", "featurizer"}
+
+
+def test_bad_param_stops_stage_with_readable_error(smoke_copy: Path) -> None:
+    edit_params(smoke_copy, "teacher", "lr", "not-a-number")
+    result = run(["dvc", "repro", "-s", "teacher"], smoke_copy, check=False)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "teacher.lr" in out and "not-a-number" in out and "dvc checkout" in out
+    assert "Traceback" not in out
+    assert (smoke_copy / "models/featurizer/model.pt").exists()  # other stages' outputs untouched
+
+
+def test_killed_teacher_resumes_to_identical_weights(smoke_copy: Path) -> None:
+    reference = (smoke_copy / "models/teacher/model.pt").read_bytes()
+    marker = smoke_copy / "fail-once"
+    env = {"SLIMSTEP_FAIL_ONCE": f"teacher:{marker}"}
+    failed = run(["dvc", "repro", "-f", "-s", "teacher"], smoke_copy, env=env, check=False)
+    assert failed.returncode != 0 and marker.exists()
+    assert list((smoke_copy / "scratch/teacher").glob("*/checkpoint.pt"))  # the half-way checkpoint survived
+    run(["dvc", "repro", "-f", "-s", "teacher"], smoke_copy, env=env)
+    assert (smoke_copy / "models/teacher/model.pt").read_bytes() == reference
+    assert not (smoke_copy / "scratch/teacher").exists()  # cleaned after success
+
+
+def test_sample_command_writes_grid_and_arrays(smoke_copy: Path) -> None:
+    run(["slimstep", "sample", "teacher", "--n", "12", "--labels", "3,7", "--out", "grid.png"], smoke_copy)
+    run(["slimstep", "sample", "teacher", "--n", "6", "--out", "s.npz", "--sampler", "euler-2"], smoke_copy)
+    assert (smoke_copy / "grid.png").stat().st_size > 500
+    import numpy as np
+
+    arrays = np.load(smoke_copy / "s.npz")
+    assert arrays["images"].shape == (6, 1, 8, 8) and len(arrays["labels"]) == 6
