@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.flow import parse_sampler
 from pipeline.nets import NetSpec
@@ -76,6 +76,89 @@ class TeacherSection(TrainSection):
     net: NetSpec
 
 
+class PairSet(Section):
+    """One pair set: how the teacher ODE is solved, and the file the solver needs (DVC deps are static)."""
+
+    solver: str = Field("dopri5-1e-03", description="a sampler name (euler-N | heun-N | dopri5-TOL) or rl")
+    policy: str = Field("models/teacher", description="extra dependency: models/stepper for rl, else models/teacher")
+
+    @field_validator("solver")
+    @classmethod
+    def _solver_known(cls, value: str) -> str:
+        if value != "rl":
+            parse_sampler(value)
+        return value
+
+
+class PairsSection(Section):
+    n_pairs: int = Field(gt=0)
+    shard_size: int = Field(gt=0)
+    solve_batch: int = Field(gt=0)
+    seed: int = Field(ge=0)
+    fp16: bool = False
+    sets: dict[str, PairSet] = {"teacher": PairSet()}
+    train_set: str = Field("teacher", description="the pair set students train on")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PairsSection:
+        if self.shard_size % self.solve_batch:
+            raise ValueError(f"shard_size ({self.shard_size}) must be a multiple of solve_batch ({self.solve_batch})")
+        if self.train_set not in self.sets:
+            raise ValueError(f"train_set {self.train_set!r} is not one of sets {sorted(self.sets)}")
+        return self
+
+
+class AnnealSection(TrainSection):
+    """Annealing Reflow (ALGORITHMS §3); `anneal@reflow` trains the same student with beta = 0."""
+
+    net: NetSpec
+    schedule: Literal["linear", "exp", "cos", "constant"] = "linear"
+    window_frac: float = Field(0.375, gt=0, le=1, description="W as a fraction of steps")
+    beta_constant: float = Field(0.0, ge=0, le=1, description="beta of the constant schedule")
+    flip: bool = Field(False, description="flip image and noise together (only for flip-symmetric images)")
+
+
+class DistillSection(TrainSection):
+    """Flow-Guided Distillation (ALGORITHMS §4); `distill@naive` = pair term only, random init, matched steps."""
+
+    guide: Literal["anneal", "teacher"] = "anneal"
+    guide_steps: int = Field(1, ge=1, le=64, description="Euler steps the guide takes from s to 1")
+    s_min: float = Field(0.2, ge=0.001, le=1)
+    s_max: float = Field(0.8, ge=0.001, le=1)
+    distance: Literal["l2", "pseudo_huber", "lpips"] = "l2"
+    huber_c: float | None = Field(None, gt=0)
+    lpips_weights: str | None = None
+    guidance_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _s_range(self) -> DistillSection:
+        if self.s_min > self.s_max:
+            raise ValueError(f"s_min ({self.s_min}) must not exceed s_max ({self.s_max})")
+        return self
+
+
+class MsdSection(TrainSection):
+    """Multi-Student Distillation (ALGORITHMS §5): one `msd@k` stage per entry of `students`."""
+
+    students: list[int] = Field([0, 1], min_length=1, description="student ids 0..K-1; K = its length")
+    partition: Literal["consecutive", "kmeans", "random"] = "consecutive"
+    partition_seed: int = Field(0, ge=0)
+    objective: Literal["fgd", "dmd"] = "fgd"
+    net: NetSpec | None = Field(None, description="student net; default = the anneal student's")
+    tsm_steps: int = Field(0, ge=0, description="Teacher Score Matching steps before distillation (0 = off)")
+    fake_lr: float = Field(1e-4, gt=0)
+    fake_updates: int = Field(1, ge=1)
+    regression_weight: float = Field(0.25, ge=0)
+    t_min: float = Field(0.02, ge=0, le=1)
+    t_max: float = Field(0.98, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ids(self) -> MsdSection:
+        if sorted(self.students) != list(range(len(self.students))):
+            raise ValueError(f"students must be 0..K-1 in order, got {self.students}")
+        return self
+
+
 class EvalSection(Section):
     seeds: int = Field(4, ge=1, description="evaluation noise seeds (FD is mean ± std over them)")
     n_samples: int | None = Field(None, gt=0, description="samples per seed; default = held-out size")
@@ -102,6 +185,10 @@ class Params(Section):
     data: DataSection
     featurizer: FeaturizerSection
     teacher: TeacherSection
+    pairs: PairsSection
+    anneal: AnnealSection
+    distill: DistillSection
+    msd: MsdSection
     eval: EvalSection
 
 

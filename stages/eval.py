@@ -18,10 +18,22 @@ from stages.common import stage
 REPORTS, MODELS = Path("reports"), Path("models")
 COLUMNS = ["model", "sampler", "nfe", "params", "macs_per_sample", "fd", "fd_std", "fd_heldout", "fd_heldout_std",
            "precision", "recall", "class_acc", "memorisation", "out_of_range", "straightness", "samples_per_s",
-           "latency_ms"]  # fmt: skip
+           "latency_ms", "params_ratio", "speedup"]  # fmt: skip
 
 
-METRIC_KEYS = ("fd", "fd_std", "fd_heldout", "nfe", "params")
+METRIC_KEYS = ("fd", "fd_std", "fd_heldout", "nfe", "params", "straightness", "speedup")
+
+
+def relative_to_teacher(board: pd.DataFrame) -> pd.DataFrame:
+    """Size and speed against the teacher at its pair/default sampler (the first dopri5 row, else the last row)."""
+    teacher = board[board["model"] == "teacher"]
+    if teacher.empty:
+        return board
+    dopri = teacher[teacher["sampler"].str.startswith("dopri5")]
+    reference = (dopri if not dopri.empty else teacher).iloc[-1]
+    board["params_ratio"] = board["params"] / reference["params"]
+    board["speedup"] = board["samples_per_s"] / reference["samples_per_s"]
+    return board
 
 
 def model_dirs() -> list[Path]:
@@ -65,7 +77,7 @@ def main() -> None:
             sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})")
             s.tracker.log_artifact(grid_path, "grids")
 
-        board = pd.DataFrame(rows).reindex(columns=COLUMNS)
+        board = relative_to_teacher(pd.DataFrame(rows)).reindex(columns=COLUMNS)
         atomic_write_text(REPORTS / "leaderboard.csv", board.to_csv(index=False, float_format="%.6g"))
         board[["model", "sampler", "nfe", "fd", "fd_std"]].to_csv(REPORTS / "quality_nfe.csv", index=False)
         quality_vs_nfe(board, REPORTS / "quality_nfe.png", floor=rows[0]["fd"])

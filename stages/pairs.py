@@ -1,0 +1,48 @@
+"""Stage `pairs@<set>`: solve the EMA teacher's ODE from per-sample seeded noise into resumable shards.
+
+Shards are written into scratch (DVC deletes a stage's outs before it runs, so a killed run resumes
+from there) and moved into `pairs/<set>` only when every shard is complete.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.modelio import load_model
+from pipeline.pairs import generate_pairs
+from stages.common import stage
+
+
+def rl_solver(policy_dir: str):  # noqa: ANN201 - a SolverFn
+    from pipeline.stepsize import StepPolicy, rl_solve
+
+    policy = StepPolicy.load(Path(policy_dir))
+    return lambda v, z, label: rl_solve(policy, v, z, label)
+
+
+def main(name: str) -> None:
+    with stage(f"pairs@{name}", ["pairs"]) as s:
+        p, pair_set = s.params.pairs, s.params.pairs.sets[name]
+        teacher = load_model("models/teacher", s.device)
+        inputs = [Path("models/teacher"), Path(pair_set.policy)]
+        work = s.checkpoint({"set": name, **p.model_dump(exclude={"sets", "train_set"}), **pair_set.model_dump()}, inputs)
+        shards = work.parent / "shards"
+        stats = generate_pairs(
+            teacher.net, shards, p.n_pairs, p.shard_size, p.solve_batch, pair_set.solver, p.seed,
+            tuple(teacher.meta["data_shape"]), teacher.meta["num_classes"], fp16=p.fp16,
+            solver_fn=rl_solver(pair_set.policy) if pair_set.solver == "rl" else None, device=s.device,
+        )  # fmt: skip
+        out = Path("pairs") / name
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(shards, out)
+        s.write_metrics({
+            "n_pairs": stats.n_pairs, "nfe_per_batch_mean": stats.nfe_mean, "nfe_per_batch_max": stats.nfe_max,
+            "pairs_per_s": stats.pairs_per_s or 0.0, "bytes_per_pair": stats.bytes_per_pair,
+            "solve_batch": p.solve_batch, "solver": pair_set.solver,
+        })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
