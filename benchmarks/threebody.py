@@ -33,7 +33,7 @@ MODES = {
     "full": {"timesteps": 50_000, "heldout": 60},
 }
 TRAIN_SEEDS, HELDOUT_START = range(0, 10_000), 1_000_000  # disjoint initial-condition seeds
-DQN = {"net_arch": (64, 64), "train_freq": 4, "learning_starts": 200}
+DQN = {"net_arch": (64, 64), "learning_starts": 200}
 
 
 def recorded(act: Callable[[np.ndarray], int], actions: list[int]) -> Callable[[np.ndarray], int]:
@@ -118,15 +118,20 @@ def main(argv: list[str] | None = None) -> dict:
     table = [summarise(name, records) for name, records in runs.items()]
 
     # Report.
-    print(f"three-body, {mode}: DQN {settings['timesteps']} steps, {train_s:.1f} s; {len(heldout)} held-out ICs")
-    columns = ("mean log10 dE", "median", "worst", "steps", "return", "ms/ep")
-    print(f"{'solver':<10}" + "".join(f"{c:>14}" for c in columns))
+    print(
+        f"three-body, {mode}: DQN {settings['timesteps']} steps, {train_s:.1f} s; {len(heldout)} held-out ICs"
+    )
+    columns = (
+        "mean_log10_err",
+        "median_log10_err",
+        "worst_log10_err",
+        "mean_steps",
+        "mean_return",
+        "mean_wall_ms",
+    )
+    print(f"{'solver':<10}" + "".join(f"{c:>17}" for c in columns))
     for row in table:
-        print(
-            f"{row['solver']:<10} {row['mean_log10_err']:>14.2f} {row['median_log10_err']:>8.2f} "
-            f"{row['worst_log10_err']:>7.2f} {row['mean_steps']:>8.0f} {row['mean_return']:>8.2f} "
-            f"{row['mean_wall_ms']:>7.1f}"
-        )
+        print(f"{row['solver']:<10}" + "".join(f"{row[c]:>17.2f}" for c in columns))
     picks = Counter(a for r in runs["rl"] for a in r["actions"])
     rl_eps = {f"{env.action_values[a]:.0e}": n for a, n in sorted(picks.items())}
     print(f"RL epsilon choices: {rl_eps}")

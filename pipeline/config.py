@@ -159,6 +159,30 @@ class MsdSection(TrainSection):
         return self
 
 
+class StepperSection(Section):
+    """RL step-size controller on the teacher ODE (ALGORITHMS §6); see pipeline/stepsize."""
+
+    seed: int = Field(0, ge=0)
+    total_timesteps: int = Field(20000, gt=0, description="DQN environment steps")
+    noise_batches: int = Field(8, ge=1, description="training noise batches (episodes cycle through them)")
+    batch_size: int = Field(64, ge=1, description="noises per episode (one solve batch)")
+    eval_batch: int = Field(256, ge=1, description="held-out noises for the NFE-error table")
+    n_actions: int = Field(6, ge=2, le=32)
+    h_min: float = Field(1 / 32, gt=0, le=1, description="smallest step, fraction of [eps, 1]")
+    h_max: float = Field(1.0, gt=0, le=1)
+    nfe_cap: int = Field(64, ge=3)
+    lam: float = Field(0.01, ge=0, description="reward cost per network call")
+    err_scale: float = Field(0.01, gt=0)
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    net_arch: list[int] = Field([64, 64], min_length=1)
+
+    @model_validator(mode="after")
+    def _steps(self) -> StepperSection:
+        if self.h_min > self.h_max:
+            raise ValueError(f"h_min ({self.h_min}) must not exceed h_max ({self.h_max})")
+        return self
+
+
 class EvalSection(Section):
     seeds: int = Field(4, ge=1, description="evaluation noise seeds (FD is mean ± std over them)")
     n_samples: int | None = Field(None, gt=0, description="samples per seed; default = held-out size")
@@ -185,6 +209,7 @@ class Params(Section):
     data: DataSection
     featurizer: FeaturizerSection
     teacher: TeacherSection
+    stepper: StepperSection
     pairs: PairsSection
     anneal: AnnealSection
     distill: DistillSection

@@ -22,13 +22,11 @@ class Classifier(nn.Module):
     def __init__(self, data_shape: tuple[int, ...], num_classes: int, width: int = 64) -> None:
         super().__init__()
         if len(data_shape) == 3:
-            channels = data_shape[0]
+            channels, height, width_px = data_shape
             self.trunk = nn.Sequential(
                 nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
                 nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-                nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),
-                nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                nn.Linear(256, width), nn.SiLU(),
+                nn.Flatten(), nn.Linear(64 * ((height + 1) // 2) * ((width_px + 1) // 2), width), nn.SiLU(),
             )  # fmt: skip
         else:
             flat = int(torch.tensor(data_shape).prod())

@@ -90,7 +90,7 @@ class ReferenceCache:
         for tensor in (z, label):
             data = tensor.detach().cpu().contiguous()
             digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def __call__(self, z: Tensor, label: Tensor) -> Tensor:

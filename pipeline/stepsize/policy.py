@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gymnasium as gym
 import numpy as np
@@ -24,6 +24,7 @@ from pipeline.stepsize.env import StepperConfig, controlled_solve
 
 FORMAT_VERSION = 1
 WEIGHTS, SPEC = "policy.pt", "policy.json"
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,11 +40,11 @@ class PolicySpec:
     train: dict[str, Any] = field(default_factory=dict)  # seed, timesteps, DQN settings (a record)
     format_version: int = FORMAT_VERSION
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PolicySpec:
-        """Tolerates specs from other versions: unknown keys are dropped, missing optional ones defaulted."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+
+def from_known_fields(cls: type[T], data: dict[str, Any]) -> T:
+    """Dataclass `cls` from saved metadata of any version: unknown keys dropped, missing ones defaulted."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def build_q_net(n_obs: int, n_actions: int, net_arch: Sequence[int]) -> nn.Sequential:
@@ -79,7 +80,7 @@ class StepPolicy:
         """The ODE env config this policy was trained with (ODE policies only)."""
         if self.spec.env_kind != "ode":
             raise ValueError(f"a {self.spec.env_kind!r} policy has no ODE stepper config")
-        return StepperConfig(**self.spec.env_config)
+        return from_known_fields(StepperConfig, self.spec.env_config)
 
     def save(self, directory: Path | str) -> None:
         """Write policy.pt (state dict) and policy.json (spec), each atomically."""
@@ -91,7 +92,7 @@ class StepPolicy:
     def load(cls, directory: Path | str) -> StepPolicy:
         """Rebuild from a saved folder without unpickling anything but tensors."""
         directory = Path(directory)
-        spec = PolicySpec.from_dict(json.loads((directory / SPEC).read_text()))
+        spec = from_known_fields(PolicySpec, json.loads((directory / SPEC).read_text()))
         if spec.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"policy format {spec.format_version} is newer than this code ({FORMAT_VERSION})"
@@ -106,7 +107,7 @@ DQN_DEFAULTS: dict[str, Any] = {
     "learning_starts": 100,
     "batch_size": 64,
     "gamma": 1.0,  # finite episodes with a terminal/telescoping reward: discounting would favour ending early
-    "train_freq": 1,
+    "train_freq": 4,
     "target_update_interval": 200,
     "exploration_fraction": 0.3,
     "exploration_final_eps": 0.05,
@@ -123,6 +124,7 @@ def train_policy(
     from stable_baselines3 import DQN  # heavy import, only where training happens
 
     settings = {**DQN_DEFAULTS, **dqn_kwargs}
+    base = env.unwrapped  # the attributes below live on the env itself, not on wrappers
     model = DQN(
         "MlpPolicy",
         env,
@@ -134,11 +136,11 @@ def train_policy(
     )
     model.learn(total_timesteps=total_timesteps)
     spec = PolicySpec(
-        obs_names=list(env.obs_names),
-        actions=[float(a) for a in env.action_values],
+        obs_names=list(base.obs_names),
+        actions=[float(a) for a in base.action_values],
         net_arch=list(net_arch),
-        env_kind=env.kind,
-        env_config=asdict(env.config),
+        env_kind=base.kind,
+        env_config=asdict(base.config),
         train={"seed": seed, "total_timesteps": total_timesteps, **settings},
     )
     state = {k: v.detach().cpu().clone() for k, v in model.q_net.q_net.state_dict().items()}
