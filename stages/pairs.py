@@ -26,7 +26,8 @@ def main(name: str) -> None:
         p, pair_set = s.params.pairs, s.params.pairs.sets[name]
         teacher = load_model("models/teacher", s.device)
         inputs = [Path("models/teacher"), Path(pair_set.policy)]
-        work = s.checkpoint({"set": name, **p.model_dump(exclude={"sets", "train_set"}), **pair_set.model_dump()}, inputs)
+        request = {"set": name, **p.model_dump(exclude={"sets", "train_set"}), **pair_set.model_dump()}
+        work = s.checkpoint(request, inputs)
         shards = work.parent / "shards"
         stats = generate_pairs(
             teacher.net, shards, p.n_pairs, p.shard_size, p.solve_batch, pair_set.solver, p.seed,
