@@ -40,15 +40,17 @@ class Reference:
     labels: Tensor  # (n,) labels asked of every model (held-out labels)
     featurizer: nn.Module
     classifies: bool  # False for the identity featurizer (2-D data)
+    train_labels: Tensor | None = None  # (N,) for per-group scores
 
 
 def make_reference(
-    train_x: Tensor, test_x: Tensor, test_labels: Tensor, featurizer: nn.Module, n: int
+    train_x: Tensor, test_x: Tensor, test_labels: Tensor, featurizer: nn.Module, n: int,
+    train_labels: Tensor | None = None,
 ) -> Reference:
     labels = test_labels[torch.arange(n) % len(test_labels)]
     return Reference(
         train_x, test_x, features(featurizer, train_x), features(featurizer, test_x), test_labels, labels, featurizer,
-        classifies=hasattr(featurizer, "head"),
+        classifies=hasattr(featurizer, "head"), train_labels=train_labels,
     )  # fmt: skip
 
 
@@ -138,3 +140,23 @@ def real_floor(ref: Reference, knn_k: int) -> dict[str, float]:
     row = sample_quality([ref.test_x], ref, knn_k, labels=ref.test_labels)
     row.update({"fd_heldout": math.nan, "fd_heldout_std": math.nan, "sampler": "data", "nfe": 0.0})
     return row
+
+
+def group_quality(v: nn.Module, ref: Reference, noise: list[Tensor], groups: list[list[int]]) -> list[dict[str, float]]:
+    """One-step samples scored per class group (an MSD partition) against the train images of those classes."""
+    if ref.train_labels is None:
+        raise ValueError("group_quality needs a Reference made with train_labels")
+    samples = [sample(v, z, ref.labels, "onestep").x.clamp(-1, 1) for z in noise]
+    rows = []
+    for k, classes in enumerate(groups):
+        wanted = torch.tensor(classes)
+        mask, train_mask = torch.isin(ref.labels, wanted), torch.isin(ref.train_labels, wanted)
+        fds, accs = [], []
+        for x in samples:
+            fds.append(frechet_distance(ref.train_feats[train_mask], features(ref.featurizer, x[mask])))
+            predicted = predict(ref.featurizer, x[mask]) if ref.classifies else None
+            accs.append(math.nan if predicted is None else class_accuracy(predicted, ref.labels[mask]))
+        fd, fd_std = _mean_std(fds)
+        rows.append({"group": k, "classes": " ".join(map(str, classes)), "fd": fd, "fd_std": fd_std,
+                     "class_acc": float(np.mean(accs))})  # fmt: skip
+    return rows

@@ -8,7 +8,15 @@ import torch
 
 from pipeline.atomic import atomic_write_text
 from pipeline.data import load_split
-from pipeline.evaluation import eval_noise, evaluate_sampler, flow_straightness, make_reference, real_floor
+from pipeline.evaluation import (
+    Reference,
+    eval_noise,
+    evaluate_sampler,
+    flow_straightness,
+    group_quality,
+    make_reference,
+    real_floor,
+)
 from pipeline.flow import sample
 from pipeline.modelio import load_model
 from pipeline.nets import count_macs, count_params
@@ -36,6 +44,26 @@ def relative_to_teacher(board: pd.DataFrame) -> pd.DataFrame:
     return board
 
 
+def write_msd_groups(ref: Reference, noise: list[torch.Tensor]) -> None:
+    """MSD ensemble vs the single same-size student (distill@fgd), class group by class group."""
+    router = load_model(MODELS / "msd@ensemble")
+    groups = router.meta["groups"]
+    rows = [{"model": model.name, **row} for model in (router, load_model(MODELS / "distill@fgd"))
+            for row in group_quality(model.net, ref, noise, groups)]  # fmt: skip
+    atomic_write_text(REPORTS / "msd_groups.csv", pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+
+
+def write_stepper_transfer(ref: Reference, noise: list[torch.Tensor]) -> None:
+    """The teacher-trained RL policy, unchanged, on the annealed student's flow vs fixed solvers (never fed back)."""
+    from pipeline.stepsize import ReferenceCache, StepPolicy, pareto_table
+
+    student, policy = load_model(MODELS / "anneal@slimflow").net, StepPolicy.load(MODELS / "stepper")
+    z, label = noise[0][:256], ref.labels[:256]
+    x_ref = ReferenceCache(student, tol=policy.config.ref_tol)(z, label)
+    table = pareto_table(student, z, label, x_ref, policy)
+    atomic_write_text(REPORTS / "stepper_transfer.csv", table.to_csv(index=False, float_format="%.6g"))
+
+
 def model_dirs() -> list[Path]:
     """Every generative model on disk, the teacher first."""
     dirs = [d for d in sorted(MODELS.iterdir()) if (d / "meta.json").exists() and d.name != "featurizer"]
@@ -49,7 +77,8 @@ def main() -> None:
         featurizer = load_model(MODELS / "featurizer").net
         n = p.n_samples or len(split.test)
         ref = make_reference(torch.from_numpy(split.train.x), torch.from_numpy(split.test.x),
-                             torch.from_numpy(split.test.labels), featurizer, n)  # fmt: skip
+                             torch.from_numpy(split.test.labels), featurizer, n,
+                             train_labels=torch.from_numpy(split.train.labels))  # fmt: skip
         noise = eval_noise(shape, n, p.seeds)
         rows = [{"model": "real", "params": 0, "macs_per_sample": 0, **real_floor(ref, p.knn_k)}]
         grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class)
@@ -77,6 +106,8 @@ def main() -> None:
             sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})")
             s.tracker.log_artifact(grid_path, "grids")
 
+        write_msd_groups(ref, noise)
+        write_stepper_transfer(ref, noise)
         board = relative_to_teacher(pd.DataFrame(rows)).reindex(columns=COLUMNS)
         atomic_write_text(REPORTS / "leaderboard.csv", board.to_csv(index=False, float_format="%.6g"))
         board[["model", "sampler", "nfe", "fd", "fd_std"]].to_csv(REPORTS / "quality_nfe.csv", index=False)

@@ -40,6 +40,34 @@ def test_smoke_chain_leaderboard_and_status(smoke_repo: Path) -> None:
     assert "up to date" in run(["dvc", "status"], smoke_repo).stdout
 
 
+def test_every_student_is_on_the_leaderboard(smoke_repo: Path) -> None:
+    board = pd.read_csv(smoke_repo / "reports/leaderboard.csv")
+    by_model = board.groupby("model")
+    for model in ("anneal@slimflow", "anneal@reflow"):
+        rows = by_model.get_group(model)
+        assert {"euler-1", "euler-2"} <= set(rows["sampler"]) and rows["straightness"].notna().all()
+    for model in ("distill@fgd", "distill@naive", "msd@ensemble"):
+        row = by_model.get_group(model)
+        assert list(row["sampler"]) == ["onestep"] and list(row["nfe"]) == [1]
+    teacher_params = by_model.get_group("teacher")["params"].iloc[0]
+    assert by_model.get_group("distill@fgd")["params"].iloc[0] < teacher_params
+    groups = pd.read_csv(smoke_repo / "reports/msd_groups.csv")
+    assert set(groups["model"]) == {"msd@ensemble", "distill@fgd"}
+
+
+def test_stepper_reports_rl_against_fixed_solvers(smoke_repo: Path) -> None:
+    import json
+
+    metrics = json.loads((smoke_repo / "metrics/stepper.json").read_text())
+    assert metrics["rl"]["nfe"] > 0 and metrics["dopri5_1e-05"]["nfe"] > metrics["rl"]["nfe"]
+    table = pd.read_csv(smoke_repo / "reports/stepper/pareto.csv")
+    assert {"euler", "heun", "dopri5", "rl"} <= set(table["solver"])
+    transfer = pd.read_csv(smoke_repo / "reports/stepper_transfer.csv")
+    assert "rl" in set(transfer["solver"])
+    rl_pairs = json.loads((smoke_repo / "metrics/pairs-rl.json").read_text())
+    assert rl_pairs["solver"] == "rl" and rl_pairs["n_pairs"] > 0
+
+
 def test_mlflow_parent_with_a_child_per_stage(smoke_repo: Path) -> None:
     with sqlite3.connect(smoke_repo / "mlflow.db") as db:
         tags = db.execute("select run_uuid, key, value from tags").fetchall()
@@ -48,7 +76,21 @@ def test_mlflow_parent_with_a_child_per_stage(smoke_repo: Path) -> None:
     children = {value for run, key, value in tags if key == "mlflow.parentRunId"}
     stages = {value for run, key, value in tags if key == "slimstep.stage"}
     assert len(parents) == 1 and children == parents
-    assert stages >= {"data", "featurizer", "teacher", "eval"}
+    assert stages >= {
+        "data",
+        "featurizer",
+        "teacher",
+        "stepper",
+        "pairs@teacher",
+        "anneal@slimflow",
+        "anneal@reflow",
+        "distill@fgd",
+        "distill@naive",
+        "msd@0",
+        "msd@1",
+        "router",
+        "eval",
+    }
     assert steps >= 2  # per-step loss curves were logged
 
 
