@@ -21,7 +21,7 @@ PARAMS, CONFIGS, LEADERBOARD = Path("params.yaml"), Path("configs"), Path("repor
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -205,6 +205,143 @@ def clean() -> None:
     size = sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file()) if scratch.exists() else 0
     shutil.rmtree(scratch, ignore_errors=True)
     console.print(f"removed scratch/ ({size / 1e6:.1f} MB)")
+
+
+# Orchestration (issue 5): the Prefect flow, its deployment, MLflow comparison and registry.
+from rich.markup import escape  # noqa: E402 - messages carry brackets (lists, paths) that rich would eat
+
+
+def _targets(values: list[str] | None) -> list[str] | None:
+    return [t for v in values or [] for t in v.split(",") if t] or None
+
+
+@app.command("run")
+def run_flow(
+    profile_name: Annotated[str | None, typer.Option("--profile", help="switch profile first")] = None,
+    targets: Annotated[
+        list[str] | None, typer.Option("--targets", "-t", help="stages (and their upstream) to run; repeatable")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="use the first N GPUs (0 = CPU); default: all found")] = None,
+    slots: Annotated[int | None, typer.Option(help="stages at once (default: GPUs, or cores ÷ threads)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per stage (default: cores shared)")] = None,
+    retries: Annotated[int, typer.Option(help="retries of a failed stage (it resumes from its checkpoint)")] = 1,
+    pull: Annotated[bool, typer.Option(help="`dvc repro --pull`: fetch missing inputs from the remote")] = False,
+    push: Annotated[bool, typer.Option(help="`dvc push --run-cache` after each stage")] = False,
+    register: Annotated[bool, typer.Option(help="register the one-step student and MSD router")] = True,
+) -> None:
+    """Run the DAG as a Prefect flow: parallel where dvc.yaml allows, one device slot per stage."""
+    if profile_name:
+        profile(profile_name, force=False)
+    validate_or_exit()
+    from pipeline.orchestration.flow import PipelineError, slimstep_flow
+
+    try:
+        result = slimstep_flow(
+            targets=_targets(targets), gpus=gpus, slots=slots, threads=threads, retries=retries, pull=pull,
+            push=push, register_models=register, root=str(Path.cwd()),
+        )  # fmt: skip
+    except (PipelineError, ValueError) as exc:
+        _fail(escape(str(exc)), code=1)
+    table = Table(title="Stages")
+    table.add_column("stage")
+    table.add_column("outcome")
+    for stage, outcome in result["stages"].items():
+        table.add_row(stage, outcome)
+    console.print(table)
+    print_leaderboard()
+    console.print(f"{result['slots']} device slot(s) (limit {result['limit']}); MLflow run {result['mlflow_run_id']}")
+
+
+@app.command()
+def serve(
+    cron: Annotated[str | None, typer.Option(help="schedule, e.g. '0 3 * * *' (default: on demand only)")] = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "slimstep-local",
+    gpus: Annotated[int | None, typer.Option(help="default for the deployment's runs")] = None,
+    register: Annotated[bool, typer.Option(help="register models at the end of each run")] = True,
+) -> None:
+    """Serve the flow as a deployment: start (or schedule) runs from the Prefect UI; Ctrl-C stops serving."""
+    validate_or_exit()
+    from pipeline.orchestration.flow import serve as serve_flow
+
+    serve_flow(cron=cron, name=name, gpus=gpus, register_models=register)
+
+
+@app.command()
+def compare(
+    last: Annotated[int, typer.Option(help="the newest N pipeline runs")] = 5,
+    runs: Annotated[str | None, typer.Option(help="comma-separated run ids (or unique prefixes)")] = None,
+    out: Annotated[Path, typer.Option(help="CSV to write")] = Path("reports/compare.csv"),
+    metric: Annotated[str | None, typer.Option(help="rank by this metric, lower is better")] = None,
+) -> None:
+    """Pipeline runs side by side (key metrics, params that differ); refuses to rank across featurizers."""
+    from pipeline.orchestration import records
+
+    try:
+        chosen = records.pipeline_runs(last, [r for r in (runs or "").split(",") if r] or None)
+        if not chosen:
+            _fail("no pipeline runs recorded yet (`slimstep run` or `slimstep repro` make them)")
+        comparison = records.compare(chosen, metric or records.RANK_METRIC)
+        records.check_comparable(comparison)
+    except (LookupError, records.IncomparableRuns) as exc:
+        _fail(escape(str(exc)))
+    frame = comparison.table
+    table = Table(title=f"{len(chosen)} pipeline run(s), ranked by {comparison.rank_metric}")
+    table.add_column("field")
+    for column in frame.columns:
+        table.add_column(column, justify="right")
+    for field, row in frame.iterrows():
+        table.add_row(str(field), *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index_label="field")
+    console.print(f"saved {out}")
+
+
+@app.command()
+def register(
+    run: Annotated[str | None, typer.Option(help="attach to this pipeline run (default: a new one)")] = None,
+) -> None:
+    """Register the workspace's one-step student and MSD router (MLflow pyfunc); move the `champion` alias."""
+    from pipeline import registry, tracking
+    from pipeline.orchestration import records
+
+    params = validate_or_exit()
+    parent = run or tracking.start_pipeline_run(
+        f"register-{params.profile}", {"slimstep.profile": params.profile, "slimstep.source": "register"}
+    )
+    if parent is None:
+        _fail("MLflow tracking is off (SLIMSTEP_TRACKING=off)")
+    if run is None:
+        records.record_pipeline_run(parent, Path.cwd())
+    done = registry.register_models(parent, Path.cwd(), params.profile)
+    if run is None:
+        tracking.end_pipeline_run(parent, True)
+    if not done:
+        _fail("nothing to register: run the pipeline first (needs models/distill@fgd or models/msd@ensemble and eval)")
+    for item in done:
+        console.print(item.describe())
+
+
+# Benchmarks (issue 7): benchmarks/run.py does the work; this command only forwards the options.
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="small sizes, few repeats: <= 5 min on 2 cores")] = False,
+    only: Annotated[list[str] | None, typer.Option("--only", help="run only this benchmark (repeatable)")] = None,
+    repo: Annotated[Path | None, typer.Option(help="a finished digits run whose trained models are timed")] = None,
+    runs: Annotated[
+        list[Path] | None, typer.Option("--runs", help="a finished run for the claims table (repeatable)")
+    ] = None,
+) -> None:
+    """Speed, memory and quality benchmarks: a table each, benchmarks/results/*.json and summary.md."""
+    import sys
+
+    if not Path("benchmarks/run.py").exists():
+        _fail("run `slimstep bench` from the repository root (benchmarks/run.py not found)")
+    args = [sys.executable, "-m", "benchmarks.run", *(["--quick"] if quick else [])]
+    args += [arg for name in only or [] for arg in ("--only", name)]
+    args += ["--repo", str(repo)] if repo else []
+    args += ["--runs", *map(str, runs)] if runs else []
+    raise typer.Exit(subprocess.run(args).returncode)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ no time, run id or commit: identical inputs give byte-identical files.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
 }
 
 
+# Modules that register a kind's builder when imported; load_model imports them on demand.
+PROVIDERS = {"router": "pipeline.msd", "featurizer": "pipeline.featurizer"}
+
+
 def load_model(directory: Path | str, device: torch.device | str = "cpu") -> LoadedModel:
     directory = Path(directory)
     meta = read_meta(directory)
@@ -70,6 +75,8 @@ def load_model(directory: Path | str, device: torch.device | str = "cpu") -> Loa
         raise ValueError(
             f"{directory}: format {meta['format_version']} is newer than this slimstep ({MODEL_FORMAT})"
         )
+    if meta["kind"] in PROVIDERS:
+        importlib.import_module(PROVIDERS[meta["kind"]])
     if meta["kind"] not in BUILDERS:
         raise ValueError(f"{directory}: unknown model kind {meta['kind']!r} (known: {sorted(BUILDERS)})")
     net = BUILDERS[meta["kind"]](meta)

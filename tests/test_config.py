@@ -1,0 +1,211 @@
+"""The params schema: every shipped profile validates; each kind of bad value is named with key, value and rule."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import Params, ParamsError, load_params, validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def raw() -> dict[str, Any]:
+    """A fresh, valid parsed params mapping (the smoke profile) to break one key at a time."""
+    return yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())
+
+
+def error_of(raw: dict[str, Any]) -> str:
+    with pytest.raises(ParamsError) as caught:
+        validate_params(raw)
+    return str(caught.value)
+
+
+def test_the_four_profiles_are_shipped() -> None:
+    assert set(PROFILES) >= {"smoke", "digits", "toy2d", "cifar10"}
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_validates_and_names_itself(name: str) -> None:
+    params = load_params(ROOT / "configs" / f"{name}.yaml")
+    assert isinstance(params, Params)
+    assert params.profile == name  # `slimstep profile X` labels runs with the profile it wrote
+    assert params.pairs.train_set in params.pairs.sets
+    assert params.msd.students == list(range(len(params.msd.students)))
+
+
+def set_key(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    *parents, leaf = path.split(".")
+
+    def edit(raw: dict[str, Any]) -> None:
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+    return edit
+
+
+def drop_key(path: str) -> Callable[[dict[str, Any]], None]:
+    *parents, leaf = path.split(".")
+
+    def edit(raw: dict[str, Any]) -> None:
+        node = raw
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+
+    return edit
+
+
+# (edit, fragments the message must hold: the dotted key, the bad value, what is allowed)
+FIELD_ERRORS = {
+    "wrong type": (set_key("teacher.lr", "not-a-number"), ["teacher.lr", "'not-a-number'", "valid number"]),
+    "zero steps": (set_key("teacher.steps", 0), ["teacher.steps", "= 0", "greater than 0"]),
+    "ema decay >= 1": (set_key("teacher.ema_decay", 1.5), ["teacher.ema_decay", "1.5", "less than 1"]),
+    "negative seed": (set_key("pairs.seed", -1), ["pairs.seed", "-1", "greater than or equal to 0"]),
+    "bad dataset": (set_key("data.dataset", "mnist"), ["data.dataset", "'mnist'", "'digits'", "'npz'"]),
+    "bad net kind": (
+        set_key("teacher.net.kind", "transformer"),
+        ["teacher.net.kind", "'transformer'", "'mlp'", "'unet'"],
+    ),
+    "bad device": (set_key("device", "tpu"), ["device", "'tpu'", "'cuda'"]),
+    "unknown key": (set_key("teacher.lrr", 0.1), ["teacher.lrr", "unknown key", "0.1", "configs/digits.yaml"]),
+    "missing section": (drop_key("eval"), ["eval", "missing (required)"]),
+    "missing key": (drop_key("teacher.steps"), ["teacher.steps", "missing (required)"]),
+    "bad eval sampler": (
+        set_key("eval.teacher_samplers", ["euler-4", "euler-0"]),
+        ["eval.teacher_samplers", "'euler-0'", "euler-N", "dopri5-TOL"],
+    ),
+    "bad pair solver": (
+        set_key("pairs.sets.teacher.solver", "rk4"),
+        ["pairs.sets.teacher.solver", "'rk4'", "heun-N"],
+    ),
+    "absolute data path": (
+        set_key("data.path", "/abs/data.npz"),
+        ["data.path", "'/abs/data.npz'", "inside the repository", "slimstep import-data"],
+    ),
+    "toy2d components": (
+        set_key("data.toy2d_components", 1),
+        ["data.toy2d_components", "= 1", "greater than or equal to 2"],
+    ),
+}
+
+# Cross-field rules: the message names the section, both keys, their values and the rule.
+CROSS_FIELD_ERRORS = {
+    "shard not multiple of solve batch": (
+        set_key("pairs.shard_size", 300),
+        ["pairs", "shard_size (300)", "multiple of solve_batch (250)"],
+    ),
+    "s_min above s_max": (set_key("distill.s_min", 0.9), ["distill", "s_min (0.9)", "s_max (0.8)"]),
+    "students not 0..K-1": (set_key("msd.students", [1, 2]), ["msd", "students", "0..K-1", "[1, 2]"]),
+    "train_set not a set": (set_key("pairs.train_set", "nope"), ["pairs", "train_set 'nope'", "['rl', 'teacher']"]),
+    "h_min above h_max": (
+        lambda raw: raw["stepper"].update(h_min=0.5, h_max=0.25),
+        ["stepper", "h_min (0.5)", "h_max (0.25)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FIELD_ERRORS | CROSS_FIELD_ERRORS))
+def test_bad_value_is_named_with_key_value_and_rule(raw: dict[str, Any], case: str) -> None:
+    edit, fragments = (FIELD_ERRORS | CROSS_FIELD_ERRORS)[case]
+    edit(raw)
+    message = error_of(raw)
+    assert message.startswith("params.yaml: invalid parameters")
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    assert "Traceback" not in message and "errors.pydantic.dev" not in message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipeline/config.py: errors from model_validator(mode='after') are located at the section, so "
+    "_describe prints `pairs = {<the whole section>}` instead of the dotted key of the bad field",
+)
+@pytest.mark.parametrize(
+    ("case", "keys"),
+    [
+        ("shard not multiple of solve batch", ["pairs.shard_size", "pairs.solve_batch"]),
+        ("s_min above s_max", ["distill.s_min", "distill.s_max"]),
+        ("students not 0..K-1", ["msd.students"]),
+        ("train_set not a set", ["pairs.train_set"]),
+    ],
+)
+def test_cross_field_error_names_the_dotted_key(raw: dict[str, Any], case: str, keys: list[str]) -> None:
+    edit, _ = CROSS_FIELD_ERRORS[case]
+    edit(raw)
+    message = error_of(raw)
+    assert any(key in message for key in keys), message
+    assert "'checkpoint_every'" not in message and "'n_pairs'" not in message  # no dump of the whole section
+
+
+def test_every_bad_key_is_reported_at_once(raw: dict[str, Any]) -> None:
+    raw["teacher"]["lr"] = "fast"
+    raw["anneal"]["steps"] = -5
+    raw["eval"]["knn_kk"] = 3
+    lines = [line for line in error_of(raw).splitlines() if line.startswith("  - ")]
+    assert len(lines) == 3
+    assert {line.split()[1] for line in lines} == {"teacher.lr", "anneal.steps", "eval.knn_kk:"}
+
+
+def test_source_name_leads_the_message(raw: dict[str, Any]) -> None:
+    raw["teacher"]["steps"] = 0
+    with pytest.raises(ParamsError, match=r"^configs/mine\.yaml: invalid parameters"):
+        validate_params(raw, "configs/mine.yaml")
+
+
+@pytest.mark.parametrize("document", ["- a\n- b\n", "just a string\n", ""])
+def test_non_mapping_yaml_is_refused(tmp_path: Path, document: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(document)
+    with pytest.raises(ParamsError, match="expected a mapping of sections, got (list|str|NoneType)"):
+        load_params(path)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("teacher:\n  lr: [0.1\n  steps: 3\n")
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value).startswith(f"{path}: not valid YAML")
+    assert "line" in str(caught.value)  # the YAML parser's position survives
+
+
+def test_missing_file_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"not found \(write one with `slimstep profile digits`\)"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_valid_file_loads_typed_values(tmp_path: Path) -> None:
+    text = (ROOT / "configs/smoke.yaml").read_text()
+    assert "  lr: 0.001\n" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  lr: 0.001\n", "  lr: 2e-3\n", 1))  # PyYAML reads `2e-3` as a string
+    params = load_params(path)
+    assert params.teacher.lr == pytest.approx(2e-3)
+    assert params.teacher.net.kind == "mlp" and params.pairs.sets["rl"].solver == "rl"
+
+
+def test_stage_with_broken_params_exits_2_without_traceback(tmp_path: Path, raw: dict[str, Any]) -> None:
+    raw["teacher"]["lr"] = "not-a-number"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLIMSTEP_TRACKING": "off"}
+    env.pop("SLIMSTEP_PARAMS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.teacher"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "teacher.lr" in out and "'not-a-number'" in out and "dvc checkout" in out
+    assert "Traceback" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was run or written
