@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -69,7 +70,10 @@ def profile(
     if not source.exists():
         _fail(f"no profile {name!r}; available: {', '.join(profiles())}")
     if PARAMS.exists() and not force:
-        current = yaml.safe_load(PARAMS.read_text())
+        try:
+            current = yaml.safe_load(PARAMS.read_text())
+        except yaml.YAMLError:
+            _fail("params.yaml is not valid YAML; fix it, or pass --force to overwrite it")
         saved = [yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")]
         committed = _committed_params()
         if current != committed and current not in saved:
@@ -148,6 +152,7 @@ def sample(
     import numpy as np
     import torch
 
+    from pipeline.flow import parse_sampler
     from pipeline.flow import sample as run_sampler
     from pipeline.modelio import load_model
     from pipeline.plots import sample_grid
@@ -165,6 +170,10 @@ def sample(
     label = torch.tensor(wanted).repeat(n // len(wanted) + 1)[:n].sort().values
     z = torch.randn((n, *meta["data_shape"]), generator=torch.Generator().manual_seed(seed))
     name = sampler or ("onestep" if meta["kind"] != "flow" else meta.get("default_sampler", "dopri5-1e-05"))
+    try:
+        parse_sampler(name)
+    except ValueError as exc:
+        _fail(str(exc))
     result = run_sampler(loaded.net, z, label, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
@@ -184,11 +193,15 @@ def import_data(
     if not source.exists():
         _fail(f"{source}: no such file or folder")
     target = Path("inputs") / source.name
+    target.parent.mkdir(exist_ok=True)
+    same = source.resolve() == target.resolve()
     if source.is_dir():
-        shutil.copytree(source, target, dirs_exist_ok=True)
+        if not same:
+            shutil.copytree(source, target, dirs_exist_ok=True)
         dataset = "cifar10"
     elif source.suffix == ".npz":
-        shutil.copyfile(source, target)
+        if not same:
+            shutil.copyfile(source, target)
         dataset = "npz"
     else:
         _fail(f"{source}: expected a folder (CIFAR-10 python batches) or an .npz file")
@@ -208,7 +221,6 @@ def clean() -> None:
 
 
 # Orchestration (issue 5): the Prefect flow, its deployment, MLflow comparison and registry.
-from rich.markup import escape  # noqa: E402 - messages carry brackets (lists, paths) that rich would eat
 
 
 def _targets(values: list[str] | None) -> list[str] | None:
@@ -241,7 +253,7 @@ def run_flow(
             push=push, register_models=register, root=str(Path.cwd()),
         )  # fmt: skip
     except (PipelineError, ValueError) as exc:
-        _fail(escape(str(exc)), code=1)
+        _fail(str(exc), code=1)
     table = Table(title="Stages")
     table.add_column("stage")
     table.add_column("outcome")
@@ -283,7 +295,7 @@ def compare(
         comparison = records.compare(chosen, metric or records.RANK_METRIC)
         records.check_comparable(comparison)
     except (LookupError, records.IncomparableRuns) as exc:
-        _fail(escape(str(exc)))
+        _fail(str(exc))
     frame = comparison.table
     table = Table(title=f"{len(chosen)} pipeline run(s), ranked by {comparison.rank_metric}")
     table.add_column("field")

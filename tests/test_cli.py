@@ -97,11 +97,6 @@ def test_unknown_profile_lists_the_available_ones(repo: Path) -> None:
     assert (repo / "params.yaml").read_bytes() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/cli.py profile(): yaml.safe_load(PARAMS.read_text()) is not guarded, so an unparseable "
-    "params.yaml ends in a YAMLError traceback instead of a refusal that suggests --force",
-)
 def test_profile_over_unparseable_params_refuses_cleanly(repo: Path) -> None:
     (repo / "params.yaml").write_text("teacher: [oops\n")
     result = cli("profile", "digits")
@@ -133,11 +128,6 @@ def test_validate_without_params_says_how_to_make_them(repo: Path) -> None:
     assert result.exit_code == 2 and "not found (write one with `slimstep profile digits`)" in said(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/cli.py _fail(): the message is printed as rich markup, so text in [brackets] that starts "
-    "with a letter (here YAML's `[oops ... ']`) is eaten as a tag; escape it with rich.markup.escape",
-)
 def test_validate_prints_yaml_errors_verbatim(repo: Path) -> None:
     (repo / "params.yaml").write_text("teacher: [oops\n")
     result = cli("validate")
@@ -203,10 +193,6 @@ def test_import_data_refuses_missing_or_unknown_sources(repo: Path, tmp_path: Pa
     assert sorted(p.name for p in (repo / "inputs").iterdir()) == ["README.md"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/cli.py import_data(): a file already in inputs/ is copied onto itself (shutil.SameFileError)",
-)
 def test_import_data_of_a_file_already_in_inputs(repo: Path) -> None:
     np.savez(repo / "inputs/here.npz", images=np.zeros((4, 2)), labels=np.zeros(4))
     result = cli("import-data", "inputs/here.npz")
@@ -253,11 +239,6 @@ def test_sample_refuses_unknown_model_and_bad_labels(model: Path) -> None:
     assert bad.exit_code == 2 and "--labels must lie in 0..3" in said(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/cli.py sample(): --sampler is not parsed before use, so `--sampler euler-0` ends in a "
-    "ValueError traceback (exit 1) instead of _fail's one-line error (exit 2)",
-)
 def test_sample_refuses_a_bad_sampler_name_cleanly(model: Path) -> None:
     result = cli("sample", "teacher", "--out", "s.npz", "--sampler", "euler-0")
     assert result.exit_code == 2 and "unknown sampler 'euler-0'" in said(result)
