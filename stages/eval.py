@@ -21,6 +21,7 @@ from pipeline.flow import sample
 from pipeline.modelio import load_model
 from pipeline.nets import count_macs, count_params
 from pipeline.plots import quality_vs_nfe, sample_grid
+from pipeline.registry import model_hash
 from stages.common import stage
 
 REPORTS, MODELS = Path("reports"), Path("models")
@@ -75,6 +76,7 @@ def main() -> None:
         p, split = s.params.eval, load_split(Path("data"))
         shape, classes = split.train.shape, split.train.num_classes
         featurizer = load_model(MODELS / "featurizer").net
+        s.tracker.set_tags({"slimstep.featurizer": model_hash(MODELS / "featurizer")})  # compare ranks like with like
         n = p.n_samples or len(split.test)
         ref = make_reference(torch.from_numpy(split.train.x), torch.from_numpy(split.test.x),
                              torch.from_numpy(split.test.labels), featurizer, n,

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,10 +60,20 @@ def make_project(dest: Path, profile: str = "smoke") -> Path:
 
 
 @pytest.fixture(scope="session")
-def smoke_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke chain, run once through `slimstep repro` (a parent MLflow run with a child per stage)."""
+def prefect_api() -> Iterator[str]:
+    """The one Prefect server of the test session (starting one costs ~10 s, more on a busy machine)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Path:
+    """The smoke chain, run once through `slimstep run` (the Prefect flow: an MLflow parent run, a child per stage)."""
     repo = make_project(tmp_path_factory.mktemp("smoke") / "repo")
-    run(["slimstep", "repro"], repo)
+    run(["slimstep", "run"], repo, env={"PREFECT_API_URL": prefect_api})
     return repo
 
 

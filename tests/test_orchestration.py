@@ -18,7 +18,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,16 +56,6 @@ FAKE_DAG = {
 
 
 # Fixtures.
-@pytest.fixture(scope="session")
-def prefect_api() -> Iterator[str]:
-    """The one Prefect server of the test session (starting one costs ~10 s, more on a busy machine)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
-
-
 def commit(repo: Path, message: str, *paths: str) -> None:
     run(["git", "add", *(paths or ["-A"])], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
@@ -354,17 +343,12 @@ def test_serve_registers_a_scheduled_deployment(fake_repo: Path, prefect_api: st
 @dataclass
 class FlowBuild:
     repo: Path
-    output: str
-    seconds: float
 
 
 @pytest.fixture(scope="session")
-def flow_build(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> FlowBuild:
-    """The smoke chain from scratch through `slimstep run` (the CLI, against the session's Prefect server)."""
-    repo = make_project(tmp_path_factory.mktemp("flow") / "repo")
-    started = time.time()
-    done = run(["slimstep", "run"], repo, env={"PREFECT_API_URL": prefect_api})
-    return FlowBuild(repo, done.stdout + done.stderr, time.time() - started)
+def flow_build(smoke_repo: Path) -> FlowBuild:
+    """The session's smoke build (conftest runs it through `slimstep run`)."""
+    return FlowBuild(smoke_repo)
 
 
 @pytest.fixture
