@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.flow import parse_sampler
 from pipeline.nets import NetSpec
@@ -48,9 +48,7 @@ class TrainSection(Section):
 
 class DataSection(Section):
     dataset: Literal["digits", "toy2d", "cifar10", "npz"] = "digits"
-    path: str | None = Field(
-        None, description="cifar10 folder or .npz file under inputs/ (see `slimstep import-data`)"
-    )
+    path: str | None = Field(None, description="cifar10 folder or .npz file under inputs/ (see `slimstep import-data`)")
     heldout: int = Field(360, gt=0, description="size of the held-out set (digits, npz) ")
     seed: int = Field(0, ge=0)
     toy2d_components: int = Field(8, ge=2, le=64)
@@ -62,9 +60,7 @@ class DataSection(Section):
     @classmethod
     def _path_is_relative(cls, value: str | None) -> str | None:
         if value is not None and Path(value).is_absolute():
-            raise ValueError(
-                "must be a path inside the repository (import it with `slimstep import-data FILE`)"
-            )
+            raise ValueError("must be a path inside the repository (import it with `slimstep import-data FILE`)")
         return value
 
 
@@ -99,13 +95,22 @@ class PairsSection(Section):
     sets: dict[str, PairSet] = {"teacher": PairSet()}
     train_set: str = Field("teacher", description="the pair set students train on")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> PairsSection:
-        if self.shard_size % self.solve_batch:
-            raise ValueError(f"shard_size ({self.shard_size}) must be a multiple of solve_batch ({self.solve_batch})")
-        if self.train_set not in self.sets:
-            raise ValueError(f"train_set {self.train_set!r} is not one of sets {sorted(self.sets)}")
-        return self
+    # Cross-field checks sit on the later field, so the error names that key (pairs.solve_batch, …).
+    @field_validator("solve_batch")
+    @classmethod
+    def _divides_shard(cls, value: int, info: ValidationInfo) -> int:
+        shard = info.data.get("shard_size")
+        if shard is not None and shard % value:
+            raise ValueError(f"shard_size ({shard}) must be a multiple of solve_batch ({value})")
+        return value
+
+    @field_validator("train_set")
+    @classmethod
+    def _known_set(cls, value: str, info: ValidationInfo) -> str:
+        sets = info.data.get("sets")
+        if sets is not None and value not in sets:
+            raise ValueError(f"train_set {value!r} is not one of sets {sorted(sets)}")
+        return value
 
 
 class AnnealSection(TrainSection):
@@ -130,11 +135,13 @@ class DistillSection(TrainSection):
     lpips_weights: str | None = None
     guidance_weight: float = Field(1.0, ge=0)
 
-    @model_validator(mode="after")
-    def _s_range(self) -> DistillSection:
-        if self.s_min > self.s_max:
-            raise ValueError(f"s_min ({self.s_min}) must not exceed s_max ({self.s_max})")
-        return self
+    @field_validator("s_max")
+    @classmethod
+    def _s_range(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("s_min")
+        if low is not None and value < low:
+            raise ValueError(f"s_min ({low}) must not exceed s_max ({value})")
+        return value
 
 
 class MsdSection(TrainSection):
@@ -152,11 +159,12 @@ class MsdSection(TrainSection):
     t_min: float = Field(0.02, ge=0, le=1)
     t_max: float = Field(0.98, ge=0, le=1)
 
-    @model_validator(mode="after")
-    def _ids(self) -> MsdSection:
-        if sorted(self.students) != list(range(len(self.students))):
-            raise ValueError(f"students must be 0..K-1 in order, got {self.students}")
-        return self
+    @field_validator("students")
+    @classmethod
+    def _ids(cls, value: list[int]) -> list[int]:
+        if value != list(range(len(value))):
+            raise ValueError(f"students must be 0..K-1 in order, got {value}")
+        return value
 
 
 class StepperSection(Section):
@@ -176,11 +184,13 @@ class StepperSection(Section):
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     net_arch: list[int] = Field([64, 64], min_length=1)
 
-    @model_validator(mode="after")
-    def _steps(self) -> StepperSection:
-        if self.h_min > self.h_max:
-            raise ValueError(f"h_min ({self.h_min}) must not exceed h_max ({self.h_max})")
-        return self
+    @field_validator("h_max")
+    @classmethod
+    def _steps(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("h_min")
+        if low is not None and value < low:
+            raise ValueError(f"h_min ({low}) must not exceed h_max ({value})")
+        return value
 
 
 class EvalSection(Section):

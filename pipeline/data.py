@@ -94,6 +94,9 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes re-pickled by Python 3 at protocol 2
+        ("numpy._core.numeric", "_frombuffer"),  # arrays at protocol 5
+        ("numpy.core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol

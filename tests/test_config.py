@@ -127,11 +127,6 @@ def test_bad_value_is_named_with_key_value_and_rule(raw: dict[str, Any], case: s
     assert "Traceback" not in message and "errors.pydantic.dev" not in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/config.py: errors from model_validator(mode='after') are located at the section, so "
-    "_describe prints `pairs = {<the whole section>}` instead of the dotted key of the bad field",
-)
 @pytest.mark.parametrize(
     ("case", "keys"),
     [

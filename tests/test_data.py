@@ -265,11 +265,6 @@ def test_cifar10_pickle_with_code_is_refused(cifar_folder: tuple[Path, dict], tm
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/data.py _ArraysOnlyUnpickler: CIFAR-format batches re-saved by Python 3 at protocol 2 "
-    "need _codecs.encode (bytes) and at protocol 5 numpy._core.numeric._frombuffer; both are refused",
-)
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_cifar10_batches_repickled_by_python3_load(cifar_folder: tuple[Path, dict], protocol: int) -> None:
     folder, entries = cifar_folder
