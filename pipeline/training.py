@@ -122,7 +122,10 @@ def train(
     device = next(net.parameters()).device
     torch.manual_seed(settings.seed)
     ema = EMA(net, settings.ema_decay)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # Fused kernels: the optimiser step was 4-5x faster on CPU (benchmarks/results/training.json).
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda")
+    )
     start, losses = 0, []
 
     # Resume.
