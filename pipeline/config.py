@@ -29,6 +29,18 @@ def _check_samplers(names: list[str]) -> list[str]:
     return names
 
 
+def _not_below(low_key: str):  # noqa: ANN202 - a pydantic field validator
+    """Validator for the upper end of a range; it sits on that field so the error names its dotted key."""
+
+    def check(value: float, info: ValidationInfo) -> float:
+        low = info.data.get(low_key)
+        if low is not None and value < low:
+            raise ValueError(f"{low_key} ({low}) must not exceed {info.field_name} ({value})")
+        return value
+
+    return check
+
+
 class TrainSection(Section):
     """Keys every training section shares (DESIGN: steps, batch_size, lr, seed)."""
 
@@ -135,13 +147,7 @@ class DistillSection(TrainSection):
     lpips_weights: str | None = None
     guidance_weight: float = Field(1.0, ge=0)
 
-    @field_validator("s_max")
-    @classmethod
-    def _s_range(cls, value: float, info: ValidationInfo) -> float:
-        low = info.data.get("s_min")
-        if low is not None and value < low:
-            raise ValueError(f"s_min ({low}) must not exceed s_max ({value})")
-        return value
+    _s_range = field_validator("s_max")(_not_below("s_min"))
 
 
 class MsdSection(TrainSection):
@@ -184,13 +190,7 @@ class StepperSection(Section):
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     net_arch: list[int] = Field([64, 64], min_length=1)
 
-    @field_validator("h_max")
-    @classmethod
-    def _steps(cls, value: float, info: ValidationInfo) -> float:
-        low = info.data.get("h_min")
-        if low is not None and value < low:
-            raise ValueError(f"h_min ({low}) must not exceed h_max ({value})")
-        return value
+    _h_range = field_validator("h_max")(_not_below("h_min"))
 
 
 class EvalSection(Section):
