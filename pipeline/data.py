@@ -46,12 +46,8 @@ def _split(x: np.ndarray, labels: np.ndarray, num_classes: int, heldout: int, se
     from sklearn.model_selection import train_test_split
 
     if heldout >= len(labels):
-        raise ValueError(
-            f"data.heldout = {heldout} must be smaller than the data set ({len(labels)} samples)"
-        )
-    tr_x, te_x, tr_y, te_y = train_test_split(
-        x, labels, test_size=heldout, random_state=seed, stratify=labels
-    )
+        raise ValueError(f"data.heldout = {heldout} must be smaller than the data set ({len(labels)} samples)")
+    tr_x, te_x, tr_y, te_y = train_test_split(x, labels, test_size=heldout, random_state=seed, stratify=labels)
     return Split(Dataset(tr_x, tr_y, num_classes), Dataset(te_x, te_y, num_classes), name)
 
 
@@ -81,9 +77,7 @@ def make_toy2d(components: int, radius: float, std: float, n_train: int, n_test:
 def toy2d_centers(components: int, radius: float, std: float) -> np.ndarray:
     """Mixture centres in the scaled coordinates `make_toy2d` returns (for mode coverage)."""
     angles = 2 * np.pi * np.arange(components) / components
-    return (np.stack([np.cos(angles), np.sin(angles)], axis=1) * radius / (radius + 3 * std)).astype(
-        np.float32
-    )
+    return (np.stack([np.cos(angles), np.sin(angles)], axis=1) * radius / (radius + 3 * std)).astype(np.float32)
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -132,9 +126,7 @@ def load_cifar10_split(folder: Path) -> Split:
 def load_npz_split(path: Path, heldout: int, seed: int) -> Split:
     """A user's own `.npz` with `images` (N,C,H,W) or (N,D) in [0,255] or [-1,1], and integer `labels`."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"data.path = {path}: no such file (import one with `slimstep import-data FILE`)"
-        )
+        raise FileNotFoundError(f"data.path = {path}: no such file (import one with `slimstep import-data FILE`)")
     with np.load(path, allow_pickle=False) as arrays:
         missing = {"images", "labels"} - set(arrays.files)
         if missing:
@@ -202,9 +194,7 @@ def build_split(dataset: str, path: str | None, heldout: int, seed: int, toy2d: 
     if dataset == "digits":
         return load_digits_split(heldout, seed)
     if dataset == "toy2d":
-        return make_toy2d(
-            int(toy2d["components"]), toy2d["radius"], toy2d["std"], int(toy2d["train"]), heldout, seed
-        )
+        return make_toy2d(int(toy2d["components"]), toy2d["radius"], toy2d["std"], int(toy2d["train"]), heldout, seed)
     if path is None:
         raise ValueError(
             f"data.path is required for data.dataset = {dataset} (import files with `slimstep import-data`)"
@@ -212,3 +202,15 @@ def build_split(dataset: str, path: str | None, heldout: int, seed: int, toy2d: 
     if dataset == "cifar10":
         return load_cifar10_split(Path(path))
     return load_npz_split(Path(path), heldout, seed)
+
+
+def class_means(data: Dataset) -> torch.Tensor:
+    """(num_classes, *shape): the mean training image per class, what the kmeans partition clusters."""
+    x, labels = torch.from_numpy(data.x), torch.from_numpy(data.labels)
+    return torch.stack([x[labels == c].mean(0) for c in range(data.num_classes)])
+
+
+def of_classes(data: Dataset, classes: list[int]) -> Dataset:
+    """Only these classes' samples, so TSM batches are full (its loss would drop the others)."""
+    keep = np.isin(data.labels, classes)
+    return Dataset(data.x[keep], data.labels[keep], data.num_classes)

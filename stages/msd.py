@@ -12,10 +12,9 @@ import copy
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipeline.data import Dataset, RandomBatches, load_split
+from pipeline.data import RandomBatches, class_means, load_split, of_classes
 from pipeline.modelio import load_model, save_model
 from pipeline.msd import DMDLoss, TeacherScoreMatchingLoss, partition_classes
 from pipeline.nets import build_net, count_macs, count_params
@@ -25,18 +24,6 @@ from stages.anneal import RAW
 from stages.common import Stage, stage
 
 DATA, TEACHER, ANNEALED = Path("data"), Path("models/teacher"), Path("models/anneal@slimflow")
-
-
-def class_means(data: Dataset) -> torch.Tensor:
-    """(num_classes, *shape): the mean training image per class, what the kmeans partition clusters."""
-    x, labels = torch.from_numpy(data.x), torch.from_numpy(data.labels)
-    return torch.stack([x[labels == c].mean(0) for c in range(data.num_classes)])
-
-
-def of_classes(data: Dataset, classes: list[int]) -> Dataset:
-    """Only these classes' samples, so TSM batches are full (its loss would drop the others)."""
-    keep = np.isin(data.labels, classes)
-    return Dataset(data.x[keep], data.labels[keep], data.num_classes)
 
 
 def objective(s: Stage, teacher: torch.nn.Module, classes: list[int]) -> FlowGuidedDistillationLoss | DMDLoss:
