@@ -13,7 +13,6 @@ from itertools import pairwise
 from typing import Literal
 
 import torch
-import torchdiffeq
 from torch import Tensor
 
 EPS: float = 1e-3
@@ -128,6 +127,8 @@ def dopri5(
     t_end: float = 1.0,
 ) -> SampleResult:
     """Adaptive RK45 (torchdiffeq) from eps to t_end; one step sequence for the whole batch, NFE as called."""
+    import torchdiffeq  # pulls in scipy.integrate (~1 s): only stages that solve adaptively pay for it
+
     nfe = 0
 
     def f(t: Tensor, x: Tensor) -> Tensor:

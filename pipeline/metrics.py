@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -151,6 +150,8 @@ def wasserstein2(a: Array, b: Array) -> float:
     a: (Na, D), b: (Nb, D); the sets may differ in size. Cost is O(N^3): meant for toy2d-sized sets.
     """
     xa, xb = _rows(a).cpu().numpy(), _rows(b).cpu().numpy()
+    import ot  # POT pulls in scipy.optimize (~3 s): only the 2-D metrics pay for it
+
     cost = ot.dist(xa, xb, metric="sqeuclidean")
     w2_sq = ot.emd2(ot.unif(len(xa)), ot.unif(len(xb)), cost, numItermax=10_000_000)
     return float(np.sqrt(max(float(w2_sq), 0.0)))

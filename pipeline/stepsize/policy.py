@@ -122,6 +122,7 @@ def train_policy(
     `env` must carry `obs_names`, `action_values`, `kind` and a dataclass `config` (ODEStepEnv, ThreeBodyEnv).
     """
     from stable_baselines3 import DQN  # heavy import, only where training happens
+    from stable_baselines3.common.logger import Logger
 
     settings = {**DQN_DEFAULTS, **dqn_kwargs}
     base = env.unwrapped  # the attributes below live on the env itself, not on wrappers
@@ -134,6 +135,7 @@ def train_policy(
         verbose=0,
         **settings,
     )
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default logger leaves an SB3-* dir in /tmp
     model.learn(total_timesteps=total_timesteps)
     spec = PolicySpec(
         obs_names=list(base.obs_names),
