@@ -33,23 +33,32 @@ def sample_grid(x: Tensor, labels: Tensor, num_classes: int, path: Path, title: 
         ax.set_title(title)
         _save(fig, path)
         return
-    per_class = max(int((labels == c).sum()) for c in range(num_classes))
-    fig, axes = plt.subplots(
-        num_classes, per_class, figsize=(per_class * 0.6, num_classes * 0.6), squeeze=False
-    )
-    for c in range(num_classes):
-        images = x[labels == c]
-        for j in range(per_class):
-            ax = axes[c, j]
-            ax.axis("off")
-            if j < len(images):
-                image = ((images[j].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-                ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-        axes[c, 0].text(
-            -0.6, 0.5, str(c), transform=axes[c, 0].transAxes, va="center", ha="right", fontsize=8
-        )
-    fig.suptitle(title, fontsize=9)
+    # One mosaic drawn with a single imshow: a subplot per image cost ~1.5 s per grid in eval.
+    mosaic = _class_mosaic(((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy(), labels.numpy(), num_classes)
+    height, width = x.shape[-2:]
+    rows, cols = num_classes, mosaic.shape[1] // (width + 1)
+    fig, ax = plt.subplots(figsize=(max(2.0, cols * 0.6), max(2.0, rows * 0.6)))
+    ax.imshow(mosaic.squeeze(-1) if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([r * (height + 1) + height / 2 for r in range(rows)], [str(c) for c in range(rows)], fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def _class_mosaic(images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images (N, H, W, C) in [0, 1] tiled one row per class, 1-pixel white gaps; short rows padded with white."""
+    height, width, channels = images.shape[1:]
+    cols = max(int((labels == c).sum()) for c in range(num_classes))
+    mosaic = np.ones((num_classes * (height + 1) - 1, cols * (width + 1) - 1, channels), dtype=np.float32)
+    for c in range(num_classes):
+        for j, image in enumerate(images[labels == c]):
+            top, left = c * (height + 1), j * (width + 1)
+            mosaic[top : top + height, left : left + width] = image
+    return mosaic
 
 
 def quality_vs_nfe(board: pd.DataFrame, path: Path, floor: float | None = None) -> None:
