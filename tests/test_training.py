@@ -185,7 +185,7 @@ def test_ema_update_follows_warmup_formula() -> None:
     for n, w in enumerate([1.0, 3.0, -2.0, 5.0]):
         net.w.data.fill_(w)
         net.seen.fill_(n)
-        ema.update(net, n)
+        ema.update(n)
         decay = min(0.2, (1 + n) / (10 + n))  # 0.1, 0.1818.., 0.2, 0.2
         expected = decay * expected + (1 - decay) * w
         assert ema.net.w.item() == pytest.approx(expected, abs=1e-12)
