@@ -9,9 +9,11 @@ Logging is best effort: a locked SQLite store is retried, and a tracking failure
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -146,31 +148,90 @@ def git_commit() -> str:
         return "unknown"
 
 
+class BackgroundTracker:
+    """A stage's tracker: the MLflow calls run in a helper process (`pipeline.tracking_worker`).
+
+    Importing MLflow and its SQL store costs ~5 s per process; in the helper that overlaps the stage's own
+    imports and work instead of adding to every stage. Calls are queued as JSON lines on the helper's
+    stdin and applied in order; `close` waits until the helper has written everything. If the stage dies,
+    the helper sees end-of-input and marks the run FAILED.
+    """
+
+    def __init__(self, stage: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.tracking_worker"], stdin=subprocess.PIPE, text=True
+        )
+        self._send({"op": "start", "stage": stage, "params": flatten(params), "tags": tags})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            assert self._process.stdin is not None
+            self._process.stdin.write(json.dumps(message, default=str) + "\n")
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:  # tracking must never cost a finished training
+            warnings.warn(f"MLflow logging helper is gone: {exc}", stacklevel=3)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._send({"op": "metrics", "metrics": values, "step": step})
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._send({"op": "params", "params": flatten(params)})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._send({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self._send({"op": "artifact", "path": str(Path(path).resolve()), "folder": folder})
+
+    def close(self, status: str, timeout: float = 600.0) -> None:
+        """Finish the run with `status` and wait for the helper (killed after `timeout` s, with a warning)."""
+        self._send({"op": "end", "status": status})
+        with contextlib.suppress(OSError, ValueError):
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            warnings.warn("MLflow logging helper did not finish in time; the run may be incomplete", stacklevel=2)
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, params: dict[str, Any], tags: dict[str, str]
-) -> Iterator[MlflowTracker | NullTracker]:
+) -> Iterator[BackgroundTracker | NullTracker]:
     """A child of the pipeline run named in SLIMSTEP_PARENT_RUN_ID, or a top-level run when there is none."""
     if not enabled():
         yield NullTracker()
         return
-    mlflow = _mlflow()
-    experiment_id = ensure_store()
-    parent = os.environ.get(PARENT_ENV)
-    client = mlflow.MlflowClient()
-    run_tags = {"slimstep.stage": stage, "git.commit": git_commit(), **tags}
-    if parent:
-        run_tags["mlflow.parentRunId"] = parent
-    run = retry(lambda: client.create_run(experiment_id, tags=run_tags, run_name=stage))
-    tracker = MlflowTracker(run.info.run_id)
-    tracker.log_params(params)
+    tracker = BackgroundTracker(stage, params, tags)
     status = "FAILED"
     try:
         yield tracker
         status = "FINISHED"
     finally:
-        with contextlib.suppress(Exception):
-            retry(lambda: client.set_terminated(run.info.run_id, status))
+        tracker.close(status)
+
+
+def open_stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> MlflowTracker:
+    """Create the stage's run (child of SLIMSTEP_PARENT_RUN_ID when set) with its params: the helper's first job."""
+    mlflow = _mlflow()
+    experiment_id = ensure_store()
+    run_tags = {"slimstep.stage": stage, "git.commit": git_commit(), **tags}
+    if parent := os.environ.get(PARENT_ENV):
+        run_tags["mlflow.parentRunId"] = parent
+    client = mlflow.MlflowClient()
+    run = retry(lambda: client.create_run(experiment_id, tags=run_tags, run_name=stage))
+    tracker = MlflowTracker(run.info.run_id)
+    tracker.log_params(params)
+    return tracker
+
+
+def finish_run(run_id: str, status: str) -> None:
+    with contextlib.suppress(Exception):
+        client = _mlflow().MlflowClient()
+        retry(lambda: client.set_terminated(run_id, status))
 
 
 def start_pipeline_run(name: str, tags: dict[str, str]) -> str | None:

@@ -37,7 +37,7 @@ class Stage:
     name: str
     params: Params
     device: torch.device
-    tracker: tracking.MlflowTracker | tracking.NullTracker
+    tracker: tracking.BackgroundTracker | tracking.NullTracker
 
     def checkpoint(self, section: Any, inputs: list[Path]) -> Path:
         """Scratch path keyed by stage, its params and its inputs' contents (new inputs never resume stale work)."""

@@ -1,0 +1,40 @@
+"""The MLflow helper process behind `tracking.BackgroundTracker`: reads JSON lines on stdin, logs them in order.
+
+First line: {"op": "start", "stage", "params", "tags"}; then "metrics", "params", "tags", "artifact"; last
+{"op": "end", "status"}. End of input without "end" means the stage died: the run is marked FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pipeline import tracking
+
+
+def main() -> None:
+    lines = (json.loads(line) for line in sys.stdin if line.strip())
+    start = next(lines, None)
+    if start is None or start["op"] != "start":
+        return
+    tracker = tracking.open_stage_run(start["stage"], start["params"], start["tags"])
+    status = "FAILED"
+    for message in lines:
+        op = message["op"]
+        if op == "end":
+            status = message["status"]
+            break
+        if op == "metrics":
+            tracker.log_metrics(message["metrics"], message["step"])
+        elif op == "params":
+            tracker.log_params(message["params"])
+        elif op == "tags":
+            tracker.set_tags(message["tags"])
+        elif op == "artifact":
+            tracker.log_artifact(Path(message["path"]), message["folder"])
+    tracking.finish_run(tracker.run_id, status)
+
+
+if __name__ == "__main__":
+    main()
