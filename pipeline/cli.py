@@ -98,22 +98,14 @@ def print_leaderboard(path: Path = LEADERBOARD) -> None:
         return
     board = pd.read_csv(path)
     table = Table(title=f"Leaderboard ({path})")
-    columns = [
-        "model",
-        "sampler",
-        "nfe",
-        "params",
-        "fd",
-        "fd_std",
-        "fd_heldout",
-        "class_acc",
-        "samples_per_s",
-    ]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("model", "sampler") else "right")
+    formats = {"model": "{}", "sampler": "{}", "nfe": "{:.4g}", "params": "{:,.0f}", "fd": "{:.2f}", "fd_std": "{:.2f}",
+               "fd_heldout": "{:.2f}", "class_acc": "{:.3f}", "samples_per_s": "{:,.0f}"}  # fmt: skip
+    for column in formats:
+        table.add_column(column, justify="left" if column in ("model", "sampler") else "right", no_wrap=True)
     for row in board.to_dict("records"):
-        table.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns])
-    console.print(table)
+        table.add_row(*["" if pd.isna(row[c]) else fmt.format(row[c]) for c, fmt in formats.items()])
+    # Piped output (make run | tee) gets rich's default 80 columns, which cut the model names.
+    (console if console.is_terminal else Console(width=120)).print(table)
     console.print(f"Sample grids: {Path('reports/grids').resolve()}  ·  plot: reports/quality_nfe.png")
 
 
