@@ -244,6 +244,7 @@ def open_stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> 
 
 
 def finish_run(run_id: str, status: str) -> None:
+    """Mark a run ended; best effort like every tracking call."""
     with contextlib.suppress(Exception):
         client = _mlflow().MlflowClient()
         retry(lambda: client.set_terminated(run_id, status))
@@ -262,5 +263,4 @@ def start_pipeline_run(name: str, tags: dict[str, str]) -> str | None:
 
 def end_pipeline_run(run_id: str | None, ok: bool) -> None:
     if run_id:
-        client = _mlflow().MlflowClient()
-        retry(lambda: client.set_terminated(run_id, "FINISHED" if ok else "FAILED"))
+        finish_run(run_id, "FINISHED" if ok else "FAILED")
