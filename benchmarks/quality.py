@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ class RunData:
     path: Path
     board: pd.DataFrame
     stepper: dict[str, Any] | None
+    ablations: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> {"fd", "train_s"}
 
     @classmethod
     def load(cls, path: Path) -> RunData:
@@ -68,19 +69,31 @@ def _fd(model_a: str, model_b: str, sampler: str) -> Callable[[RunData], Pair]:
     return lambda r: (value(r.board, model_a, "fd", sampler), value(r.board, model_b, "fd", sampler))
 
 
+def _ablation(baseline: str | None, method: str | None) -> Callable[[RunData], Pair]:
+    """FD of ablation variants (benchmarks/ablations.py); None stands for the run's own distill@fgd."""
+
+    def fd(r: RunData, name: str | None) -> float | None:
+        if name is None:
+            return value(r.board, "distill@fgd", "fd", "onestep") if r.ablations else None
+        return r.ablations[name]["fd"] if name in r.ablations else None
+
+    return lambda r: (fd(r, baseline), fd(r, method))
+
+
 def _straightness(model: str) -> Callable[[RunData], Pair]:
     return lambda r: (value(r.board, "teacher", "straightness"), value(r.board, model, "straightness"))
 
 
-def _stepper(key: str, field: str) -> Callable[[RunData], Pair]:
+def _stepper(key: str, column: str) -> Callable[[RunData], Pair]:
     def extract(r: RunData) -> Pair:
         if r.stepper is None or key not in r.stepper or "rl" not in r.stepper:
             return None, None
-        return float(r.stepper[key][field]), float(r.stepper["rl"][field])
+        return float(r.stepper[key][column]), float(r.stepper["rl"][column])
 
     return extract
 
 
+ABLATIONS = "full mode (`slimstep bench` without --quick): it re-runs the student stages (benchmarks/ablations.py)"
 CLAIMS = [
     Claim("reflow straightens the flow", "2-RF straighter than 1-RF (Rectified Flow)", "straightness S",
           "teacher", "anneal@reflow", "lower", _straightness("anneal@reflow")),
@@ -93,13 +106,13 @@ CLAIMS = [
     Claim("flow-guided distillation beats naive distillation", "SlimFlow 15.7M FID 5.02 (naive: higher)",
           "FD, one step", "distill@naive", "distill@fgd", "lower", _fd("distill@naive", "distill@fgd", "onestep")),
     Claim("2-step guidance term on vs off (same init)", "FID 7.90 → 7.30 (L2), 6.43 → 5.81 (LPIPS)", "FD, one step",
-          "term off", "term on", "lower", needs="a run with distill.guidance_weight=0 next to the default"),
+          "term off", "term on", "lower", _ablation("term_off", None), ABLATIONS),
     Claim("MSD ensemble beats one student of the same size", "FID 1.28 → 1.20 (ImageNet-64, 4 students)",
           "FD, one step", "distill@fgd", "msd@ensemble", "lower", _fd("distill@fgd", "msd@ensemble", "onestep")),
-    Claim("more MSD students help (K = 1/2/5)", "FID 2.60 / 2.49 / 2.37 for K = 1/2/4 (unconfirmed)", "FD, one step",
-          "K = 1", "K = 5", "lower", needs="runs with msd.students = [0], [0, 1], [0, 1, 2, 3, 4]"),
-    Claim("TSM warm start helps small students", "FID 11.67 → 2.88", "FD, one step", "tsm_steps = 0",
-          "tsm_steps > 0", "lower", needs="a run with msd.objective=dmd and msd.tsm_steps > 0 next to one without"),
+    Claim("more MSD students help (K = 1 vs 5)", "FID 2.60 / 2.49 / 2.37 for K = 1/2/4 (unconfirmed)",
+          "FD, one step", "K = 1 (distill@fgd)", "K = 5", "lower", _ablation(None, "msd_k5"), ABLATIONS),
+    Claim("TSM warm start helps half-size students", "FID 11.67 → 2.88", "FD, one step",
+          "no TSM, compute-matched", "TSM", "lower", _ablation("tsm_off", "tsm_on"), ABLATIONS),
     Claim("RL step control needs fewer NFE than dopri5", "learned steps beat fixed ones at equal accuracy (§6)",
           "NFE per solve", "dopri5 1e-03", "rl", "lower", _stepper("dopri5_0.001", "nfe")),
     Claim("RL step control is as accurate as dopri5", "learned steps beat fixed ones at equal accuracy (§6)",
@@ -198,6 +211,15 @@ def run(ctx: Context) -> Report:
             "the digits profile — pass --runs with 3 finished digits runs (training seeds)"
         )
     runs = [RunData.load(p) for p in paths]
+    if not ctx.quick:
+        from benchmarks.ablations import run_ablations
+
+        measured = run_ablations(paths, ctx.workdir)
+        for r in runs:
+            r.ablations = measured[r.path]
+        report.tables["ablations (student stages re-run in copies of the runs)"] = [
+            {"run": str(r.path), "variant": name, **result} for r in runs for name, result in r.ablations.items()
+        ]
     rows = [claim_row(c, runs) for c in CLAIMS]
     extra = threebody_row()
     if extra:

@@ -69,17 +69,13 @@ def matched_euler(repo: Path, teacher: nn.Module, student_fd: float, max_steps: 
 
     from pipeline.config import load_params
     from pipeline.data import load_split
-    from pipeline.evaluation import _solve, eval_noise, make_reference, sample_quality
+    from pipeline.evaluation import _solve, eval_inputs, sample_quality
     from pipeline.featurizer import features  # noqa: F401 - registers the featurizer builder
     from pipeline.modelio import load_model
 
     p = load_params(repo / "params.yaml").eval
-    split = load_split(repo / "data")
     featurizer = load_model(repo / "models" / "featurizer").net
-    n_samples = p.n_samples or len(split.test)
-    ref = make_reference(torch.from_numpy(split.train.x), torch.from_numpy(split.test.x),
-                         torch.from_numpy(split.test.labels), featurizer, n_samples)  # fmt: skip
-    noise = eval_noise(split.train.shape, n_samples, p.seeds)
+    ref, noise = eval_inputs(load_split(repo / "data"), featurizer, p.n_samples, p.seeds)
     n = max(scored, default=1) * 2
     while n <= max_steps:
         samples = [_solve(teacher, z, ref.labels, f"euler-{n}", p.batch_size)[0] for z in noise]

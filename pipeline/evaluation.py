@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.data import Split
 from pipeline.featurizer import features, predict
 from pipeline.flow import VelocityFn, parse_sampler, sample, straightness
 from pipeline.metrics import (
@@ -52,6 +53,18 @@ def make_reference(
         train_x, test_x, features(featurizer, train_x), features(featurizer, test_x), test_labels, labels, featurizer,
         classifies=hasattr(featurizer, "head"), train_labels=train_labels,
     )  # fmt: skip
+
+
+def eval_inputs(
+    split: Split, featurizer: nn.Module, n_samples: int | None, seeds: int
+) -> tuple[Reference, list[Tensor]]:
+    """The reference and the per-seed noise the `eval` stage scores with; anything compared with its
+    leaderboard (the benchmark's ablations) must be scored with exactly these."""
+    n = n_samples or len(split.test)
+    ref = make_reference(torch.from_numpy(split.train.x), torch.from_numpy(split.test.x),
+                         torch.from_numpy(split.test.labels), featurizer, n,
+                         train_labels=torch.from_numpy(split.train.labels))  # fmt: skip
+    return ref, eval_noise(split.train.shape, n, seeds)
 
 
 def eval_noise(shape: tuple[int, ...], n: int, seeds: int) -> list[Tensor]:

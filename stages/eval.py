@@ -10,11 +10,10 @@ from pipeline.atomic import atomic_write_text
 from pipeline.data import load_split
 from pipeline.evaluation import (
     Reference,
-    eval_noise,
+    eval_inputs,
     evaluate_sampler,
     flow_straightness,
     group_quality,
-    make_reference,
     real_floor,
 )
 from pipeline.flow import sample
@@ -75,13 +74,8 @@ def main() -> None:
     with stage("eval", ["eval"]) as s:
         p, split = s.params.eval, load_split(Path("data"))
         shape, classes = split.train.shape, split.train.num_classes
-        featurizer = load_model(MODELS / "featurizer").net
         s.tracker.set_tags({"slimstep.featurizer": model_hash(MODELS / "featurizer")})  # compare ranks like with like
-        n = p.n_samples or len(split.test)
-        ref = make_reference(torch.from_numpy(split.train.x), torch.from_numpy(split.test.x),
-                             torch.from_numpy(split.test.labels), featurizer, n,
-                             train_labels=torch.from_numpy(split.train.labels))  # fmt: skip
-        noise = eval_noise(shape, n, p.seeds)
+        ref, noise = eval_inputs(split, load_model(MODELS / "featurizer").net, p.n_samples, p.seeds)
         rows = [{"model": "real", "params": 0, "macs_per_sample": 0, **real_floor(ref, p.knn_k)}]
         grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class)
         grid_noise = torch.randn((len(grid_labels), *shape), generator=torch.Generator().manual_seed(0))

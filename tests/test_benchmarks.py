@@ -165,8 +165,15 @@ def test_claim_rows_follow_the_sign_of_the_effect(tmp_path) -> None:
     nfe, err = rows["RL step control needs fewer NFE than dopri5"], rows["RL step control is as accurate as dopri5"]
     assert (nfe["reproduces"], nfe["runs"]) == ("yes", "1/1")  # run b has no stepper metrics
     assert err["reproduces"] == "no"
-    untested = rows["TSM warm start helps small students"]
-    assert untested["reproduces"] == "not measured" and "tsm_steps" in untested["why"]
+    untested = rows["TSM warm start helps half-size students"]  # the runs have no ablations (quick mode)
+    assert untested["reproduces"] == "not measured" and "full mode" in untested["why"]
+
+    runs[0].ablations = {"term_off": {"fd": 5.5}, "msd_k5": {"fd": 4.0}, "tsm_off": {"fd": 9.0}, "tsm_on": {"fd": 8.0}}
+    rows = {c.claim: claim_row(c, runs) for c in CLAIMS}
+    term = rows["2-step guidance term on vs off (same init)"]  # off 5.5, on = the run's own distill@fgd 5.0
+    assert (term["reproduces"], term["runs"], term["values"]) == ("yes", "1/1", [[5.5, 5.0]])
+    assert rows["more MSD students help (K = 1 vs 5)"]["values"] == [[5.0, 4.0]]
+    assert rows["TSM warm start helps half-size students"]["values"] == [[9.0, 8.0]]
 
     higher = Claim("x", "p", "m", "fgd", "msd", "higher", lambda r: (1.0, 2.0))
     assert claim_row(higher, runs)["reproduces"] == "yes"

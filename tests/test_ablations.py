@@ -1,0 +1,59 @@
+"""The benchmark's ablations re-run student stages in copies of a finished run and score them like `eval`."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from benchmarks.ablations import edited, half_width, run_ablations, score, variants
+from pipeline.config import NetSpec
+from pipeline.nets import build_net, count_params
+
+
+def test_edited_sets_nested_keys_and_leaves_the_input_alone() -> None:
+    params = {"msd": {"steps": 10, "net": None}, "distill": {"guidance_weight": 1.0}}
+    out = edited(params, {"msd.steps": 14, "msd.net": {"kind": "mlp"}, "distill.guidance_weight": 0.0})
+    assert out == {"msd": {"steps": 14, "net": {"kind": "mlp"}}, "distill": {"guidance_weight": 0.0}}
+    assert params["msd"]["steps"] == 10
+
+
+def test_half_width_halves_the_parameters() -> None:
+    net = {"kind": "resmlp", "width": 180, "depth": 2, "channels": [32, 64], "emb_dim": 64, "dropout": 0.0}
+    width = half_width(net, (1, 8, 8), 10)
+    full = count_params(build_net(NetSpec(**net), (1, 8, 8), 10))
+    half = count_params(build_net(NetSpec(**{**net, "width": width}), (1, 8, 8), 10))
+    assert width is not None and width < 180 and abs(half / full - 0.5) < 0.03
+    assert half_width({**net, "kind": "unet"}, (1, 8, 8), 10) is None
+
+
+def test_tsm_variants_are_compute_matched() -> None:
+    params = {"msd": {"steps": 500, "students": [0, 1]}, "anneal": {"net": {
+        "kind": "mlp", "width": 64, "depth": 2, "channels": [8], "emb_dim": 16, "dropout": 0.0}}}  # fmt: skip
+    by_name = {v.name: v for v in variants(params, (2,), 4)}
+    assert set(by_name) == {"term_off", "tsm_on", "tsm_off"}  # 4 classes: no K = 5
+    on, off = by_name["tsm_on"].edits, by_name["tsm_off"].edits
+    assert on["msd.tsm_steps"] == 200 and off["msd.tsm_steps"] == 0 and off["msd.steps"] == 500 + 200
+    assert on["msd.net"] == off["msd.net"] and on["msd.net"]["width"] < 64
+    assert by_name["tsm_on"].commands == [["stages.msd", "0"], ["stages.msd", "1"], ["stages.router"]]
+
+
+@pytest.mark.slow
+def test_ablations_rerun_students_in_copies_and_score_like_eval(smoke_repo, tmp_path) -> None:
+    before = sorted(p.name for p in (smoke_repo / "models").iterdir())
+    results = run_ablations([smoke_repo], tmp_path)[smoke_repo]
+    assert set(results) == {"term_off", "msd_k5", "tsm_on", "tsm_off"}
+    assert all(math.isfinite(r["fd"]) and r["train_s"] > 0 for r in results.values())
+    assert sorted(p.name for p in (smoke_repo / "models").iterdir()) == before  # the run itself is untouched
+
+    k5 = tmp_path / "ablation-0-msd_k5"
+    assert sorted(p.name for p in (k5 / "models" / "msd").iterdir()) == ["0", "1", "2", "3", "4"]
+    params = yaml.safe_load((tmp_path / "ablation-0-tsm_off" / "params.yaml").read_text())
+    assert params["msd"]["tsm_steps"] == 0 and params["msd"]["net"]["width"] < params["anneal"]["net"]["width"]
+
+    board = pd.read_csv(smoke_repo / "reports" / "leaderboard.csv")  # scoring reproduces the eval stage's FD
+    fgd = board[(board["model"] == "distill@fgd") & (board["sampler"] == "onestep")]["fd"].iloc[0]
+    assert score(smoke_repo, [smoke_repo / "models" / "distill@fgd"])[0] == pytest.approx(fgd, rel=1e-4)
+    assert results["term_off"]["fd"] != pytest.approx(fgd, rel=1e-6)  # the guidance term was really off
