@@ -1,7 +1,8 @@
 """Stage `distill@fgd` / `distill@naive`: one-step students (ALGORITHMS §4).
 
 `fgd`: Flow-Guided Distillation from the annealed student's raw weights, guided by its EMA (or by the
-teacher taking `guide_steps` Euler steps). `naive`: the baseline — the same net from random init, pair
+teacher taking `guide_steps` Euler steps), on the pair set `distill.pair_set` (the teacher's, or one the
+annealed student regenerated). `naive`: the baseline — the same net from random init, pair
 term only, trained with the from-scratch recipe for as many steps as annealing + distillation together.
 """
 
@@ -22,7 +23,8 @@ ANNEALED = Path("models/anneal@slimflow")
 
 def main(variant: str) -> None:
     with stage(f"distill@{variant}", ["distill", "anneal", "pairs"]) as s:
-        p, a, pairs = s.params.distill, s.params.anneal, Path("pairs") / s.params.pairs.train_set
+        p, a = s.params.distill, s.params.anneal
+        pairs = Path("pairs") / (p.pair_set if variant == "fgd" else s.params.pairs.train_set)  # naive: teacher pairs
         teacher = load_model("models/teacher", s.device)
         shape, classes = tuple(teacher.meta["data_shape"]), teacher.meta["num_classes"]
         torch.manual_seed(p.seed)

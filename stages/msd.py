@@ -42,7 +42,7 @@ def objective(s: Stage, teacher: torch.nn.Module, classes: list[int]) -> FlowGui
 
 def main(k: int) -> None:
     with stage(f"msd@{k}", ["msd", "distill", "anneal", "pairs"]) as s:
-        p, a, pairs = s.params.msd, s.params.anneal, Path("pairs") / s.params.pairs.train_set
+        p, a, pairs = s.params.msd, s.params.anneal, Path("pairs") / s.params.distill.pair_set  # as distill@fgd
         train, teacher = load_split(DATA).train, load_model(TEACHER, s.device).net
         shape, num_classes, spec = train.shape, train.num_classes, p.net or a.net
         groups = partition_classes(num_classes, len(p.students), p.partition, class_means(train), p.partition_seed)

@@ -1,4 +1,5 @@
-"""Stage `pairs@<set>`: solve the EMA teacher's ODE from per-sample seeded noise into resumable shards.
+"""Stage `pairs@<set>`: solve the EMA teacher's ODE (or, for a regenerated set, the annealed 2-flow
+student's: `pairs.sets.<set>.flow`) from per-sample seeded noise into resumable shards.
 
 Shards are written into scratch (DVC deletes a stage's outs before it runs, so a killed run resumes
 from there) and moved into `pairs/<set>` only when every shard is complete.
@@ -24,14 +25,14 @@ def rl_solver(policy_dir: str):  # noqa: ANN201 - a SolverFn
 def main(name: str) -> None:
     with stage(f"pairs@{name}", ["pairs"]) as s:
         p, pair_set = s.params.pairs, s.params.pairs.sets[name]
-        teacher = load_model("models/teacher", s.device)
-        inputs = [Path("models/teacher"), Path(pair_set.policy)]
+        flow = load_model(pair_set.flow, s.device)
+        inputs = [Path(pair_set.flow), Path(pair_set.policy)]
         request = {"set": name, **p.model_dump(exclude={"sets", "train_set"}), **pair_set.model_dump()}
         work = s.checkpoint(request, inputs)
         shards = work.parent / "shards"
         stats = generate_pairs(
-            teacher.net, shards, p.n_pairs, p.shard_size, p.solve_batch, pair_set.solver, p.seed,
-            tuple(teacher.meta["data_shape"]), teacher.meta["num_classes"], fp16=p.fp16,
+            flow.net, shards, p.n_pairs, p.shard_size, p.solve_batch, pair_set.solver, p.seed,
+            tuple(flow.meta["data_shape"]), flow.meta["num_classes"], fp16=p.fp16,
             solver_fn=rl_solver(pair_set.policy) if pair_set.solver == "rl" else None, device=s.device,
         )  # fmt: skip
         out = Path("pairs") / name
@@ -41,7 +42,7 @@ def main(name: str) -> None:
         s.write_metrics({
             "n_pairs": stats.n_pairs, "nfe_per_batch_mean": stats.nfe_mean, "nfe_per_batch_max": stats.nfe_max,
             "pairs_per_s": stats.pairs_per_s or 0.0, "bytes_per_pair": stats.bytes_per_pair,
-            "solve_batch": p.solve_batch, "solver": pair_set.solver,
+            "solve_batch": p.solve_batch, "solver": pair_set.solver, "flow": pair_set.flow,
         })  # fmt: skip
 
 

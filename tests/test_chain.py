@@ -140,3 +140,29 @@ def test_sample_command_writes_grid_and_arrays(smoke_copy: Path) -> None:
 
     arrays = np.load(smoke_copy / "s.npz")
     assert arrays["images"].shape == (6, 1, 8, 8) and len(arrays["labels"]) == 6
+
+
+def test_regenerated_pairs_come_from_the_annealed_student(smoke_copy: Path) -> None:
+    """A pair set solved by the annealed 2-flow (ALGORITHMS §4) feeds distill@fgd and MSD; naive keeps the teacher's."""
+    import torch
+
+    from pipeline.flow import sample
+    from pipeline.modelio import load_model
+
+    params = yaml.safe_load((smoke_copy / "params.yaml").read_text())
+    params["pairs"]["sets"]["regen"] = {"solver": "euler-2", "policy": "models/teacher",
+                                        "flow": "models/anneal@slimflow"}  # fmt: skip
+    params["distill"]["pair_set"] = "regen"
+    (smoke_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = set(yaml.safe_load(run(["dvc", "status", "--json"], smoke_copy).stdout))
+    assert {"pairs@regen", "distill@fgd", "distill@naive", "msd@0", "msd@1"} <= stale  # params and deps changed
+    assert not stale & {"teacher", "pairs@teacher", "anneal@slimflow"}
+
+    assert ran_stages(run(["dvc", "repro", "-s", "pairs@regen"], smoke_copy).stdout) == {"pairs@regen"}
+    shard = torch.load(smoke_copy / "pairs" / "regen" / "shard-00000.pt", weights_only=True)
+    teacher_shard = torch.load(smoke_copy / "pairs" / "teacher" / "shard-00000.pt", weights_only=True)
+    assert torch.equal(shard["z"], teacher_shard["z"])  # the same per-sample noise, a different solver
+    student = load_model(smoke_copy / "models" / "anneal@slimflow").net
+    expected = sample(student, shard["z"][:32], shard["label"][:32], "euler-2").x
+    assert torch.allclose(shard["x"][:32], expected, atol=1e-5)
+    assert not torch.allclose(shard["x"], teacher_shard["x"], atol=1e-3)

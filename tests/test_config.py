@@ -109,6 +109,14 @@ CROSS_FIELD_ERRORS = {
     "s_min above s_max": (set_key("distill.s_min", 0.9), ["distill", "s_min (0.9)", "s_max (0.8)"]),
     "students not 0..K-1": (set_key("msd.students", [1, 2]), ["msd", "students", "0..K-1", "[1, 2]"]),
     "train_set not a set": (set_key("pairs.train_set", "nope"), ["pairs", "train_set 'nope'", "['rl', 'teacher']"]),
+    "train_set solved by a student": (
+        lambda raw: raw["pairs"].update(
+            sets={**raw["pairs"]["sets"], "regen": {"solver": "euler-4", "flow": "models/anneal@slimflow"}},
+            train_set="regen",
+        ),
+        ["pairs", "train_set 'regen'", "models/anneal@slimflow", "cycle"],
+    ),
+    "distill pair set unknown": (set_key("distill.pair_set", "nope"), ["distill.pair_set 'nope'", "['rl', 'teacher']"]),
     "h_min above h_max": (
         lambda raw: raw["stepper"].update(h_min=0.5, h_max=0.25),
         ["stepper", "h_min (0.5)", "h_max (0.25)"],
@@ -134,6 +142,8 @@ def test_bad_value_is_named_with_key_value_and_rule(raw: dict[str, Any], case: s
         ("s_min above s_max", ["distill.s_min", "distill.s_max"]),
         ("students not 0..K-1", ["msd.students"]),
         ("train_set not a set", ["pairs.train_set"]),
+        ("train_set solved by a student", ["pairs.train_set"]),
+        ("distill pair set unknown", ["distill.pair_set"]),
     ],
 )
 def test_cross_field_error_names_the_dotted_key(raw: dict[str, Any], case: str, keys: list[str]) -> None:
