@@ -149,7 +149,7 @@ def _run(tmp_path, name: str, shift: float, stepper: dict | None) -> RunData:
 
 
 def test_claim_rows_follow_the_sign_of_the_effect(tmp_path) -> None:
-    stepper = {"rl": {"nfe": 20.0, "err": 0.002}, "dopri5_0.001": {"nfe": 44.0, "err": 0.001}}
+    stepper = {"rl": {"nfe": 20.0, "err": 0.002}, "table": {"dopri5-0.0001": {"nfe": 56.0, "err": 0.001}}}
     runs = [_run(tmp_path, "a", 0.0, stepper), _run(tmp_path, "b", 0.5, None)]
     rows = {c.claim: claim_row(c, runs) for c in CLAIMS}
 
