@@ -90,7 +90,7 @@ class PairSet(Section):
     """One pair set: whose ODE is solved and how, and the file the solver needs (DVC deps are static)."""
 
     solver: str = Field("dopri5-1e-04", description="a sampler name (euler-N | heun-N | dopri5-TOL) or rl")
-    policy: str = Field("models/teacher", description="extra dependency: models/stepper for rl, else models/teacher")
+    policy: str = Field(TEACHER_DIR, description="extra dependency: models/stepper for rl, else models/teacher")
     flow: str = Field(TEACHER_DIR, description="the model whose ODE is solved: the teacher, or a 2-flow student "
                       "such as models/anneal@slimflow (pairs regenerated for distillation, ALGORITHMS §4)")  # fmt: skip
 
