@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_write_text
-from pipeline.stepsize import ThreeBodyConfig, ThreeBodyEnv, run_episode, train_policy
+from pipeline.stepsize import run_episode, train_policy
+from pipeline.stepsize.threebody import ThreeBodyConfig, ThreeBodyEnv
 
 MODES = {
     "quick": {"timesteps": 6_000, "heldout": 12},

@@ -25,6 +25,7 @@ from pipeline.metrics import (
     out_of_range_fraction,
     precision_recall,
 )
+from pipeline.runtime import device_of
 
 NOISE_SEED_BASE = 10_000  # evaluation noise never overlaps training or pair seeds
 
@@ -78,10 +79,10 @@ def eval_noise(shape: tuple[int, ...], n: int, seeds: int) -> list[Tensor]:
 def _solve(
     v: VelocityFn, z: Tensor, labels: Tensor, sampler: str, batch_size: int
 ) -> tuple[Tensor, list[int]]:
-    outputs, nfes = [], []
+    outputs, nfes, device = [], [], device_of(v)
     for z_chunk, label_chunk in zip(z.split(batch_size), labels.split(batch_size), strict=True):
-        result = sample(v, z_chunk, label_chunk, sampler)
-        outputs.append(result.x)
+        result = sample(v, z_chunk.to(device), label_chunk.to(device), sampler)
+        outputs.append(result.x.cpu())
         nfes.append(result.nfe)
     return torch.cat(outputs), nfes
 
@@ -136,7 +137,8 @@ def evaluate_sampler(
         "nfe": float(np.mean(nfes)),
         **sample_quality(samples, ref, knn_k),
     }
-    z_time, label_time = noise[0][:timing_batch], ref.labels[:timing_batch]
+    device = device_of(v)
+    z_time, label_time = noise[0][:timing_batch].to(device), ref.labels[:timing_batch].to(device)
     speed = measure_throughput(
         lambda: sample(v, z_time, label_time, sampler), len(z_time), warmup=1, repeats=3
     )
@@ -145,7 +147,8 @@ def evaluate_sampler(
 
 
 def flow_straightness(v: nn.Module, ref: Reference, noise: list[Tensor], n: int = 256) -> float:
-    return straightness(v, noise[0][:n], ref.labels[:n])
+    device = device_of(v)
+    return straightness(v, noise[0][:n].to(device), ref.labels[:n].to(device))
 
 
 def real_floor(ref: Reference, knn_k: int) -> dict[str, float]:
@@ -159,7 +162,7 @@ def group_quality(v: nn.Module, ref: Reference, noise: list[Tensor], groups: lis
     """One-step samples scored per class group (an MSD partition) against the train images of those classes."""
     if ref.train_labels is None:
         raise ValueError("group_quality needs a Reference made with train_labels")
-    samples = [sample(v, z, ref.labels, "onestep").x.clamp(-1, 1) for z in noise]
+    samples = [_solve(v, z, ref.labels, "onestep", len(z))[0].clamp(-1, 1) for z in noise]
     rows = []
     for k, classes in enumerate(groups):
         wanted = torch.tensor(classes)

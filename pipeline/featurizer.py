@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from pipeline.flow import Batch
 from pipeline.modelio import BUILDERS
+from pipeline.runtime import device_of
 
 
 class Classifier(nn.Module):
@@ -59,12 +60,15 @@ class CrossEntropy:
 
 @torch.no_grad()
 def predict(net: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
-    return torch.cat([net(chunk).argmax(1) for chunk in x.split(batch_size)])
+    device = device_of(net)
+    return torch.cat([net(chunk.to(device)).argmax(1).cpu() for chunk in x.split(batch_size)])
 
 
 @torch.no_grad()
 def features(net: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
-    return torch.cat([net.features(chunk) for chunk in x.split(batch_size)])
+    """(N, *shape) on the CPU -> (N, width) on the CPU, computed where the featurizer lives."""
+    device = device_of(net)
+    return torch.cat([net.features(chunk.to(device)).cpu() for chunk in x.split(batch_size)])
 
 
 def _build(meta: dict[str, Any]) -> nn.Module:

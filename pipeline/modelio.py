@@ -7,6 +7,7 @@ no time, run id or commit: identical inputs give byte-identical files.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from collections.abc import Callable
@@ -82,3 +83,11 @@ def load_model(directory: Path | str, device: torch.device | str = "cpu") -> Loa
     net = BUILDERS[meta["kind"]](meta)
     net.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
     return LoadedModel(net=net.to(device).eval().requires_grad_(False), meta=meta)
+
+
+def model_hash(folder: Path | str) -> str:
+    """Content hash of a model folder (weights + metadata): byte-identical models hash the same."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS, META):
+        digest.update((Path(folder) / name).read_bytes())
+    return digest.hexdigest()[:16]

@@ -13,7 +13,6 @@ measured by the newest version's featurizer (FDs from different featurizers are 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -24,18 +23,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline.modelio import model_hash
+
 FEATURIZER_TAG = "slimstep.featurizer"
 HASH_TAG = "slimstep.model_hash"
 CHAMPION = "champion"
 REGISTERED = {"distill@fgd": "onestep", "msd@ensemble": "msd"}  # stage → registered-name suffix
-
-
-def model_hash(folder: Path) -> str:
-    """Content hash of a model folder (weights + metadata): byte-identical models hash the same."""
-    digest = hashlib.sha256()
-    for name in ("model.pt", "meta.json"):
-        digest.update((Path(folder) / name).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def registered_name(profile: str, stage: str) -> str:

@@ -17,6 +17,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def device_of(model: object) -> torch.device:
+    """Where a model's weights live: inputs go there, results come back to the CPU (parameter-free → CPU)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def configure_threads() -> int:
     """Use the thread count the scheduler gave this stage (SLIMSTEP_THREADS), else torch's default."""
     threads = int(os.environ.get("SLIMSTEP_THREADS", "0"))
@@ -40,4 +47,6 @@ def is_main_process() -> bool:
 def init_distributed(device: torch.device) -> None:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's own collectives (barrier) use the current device
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

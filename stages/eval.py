@@ -17,10 +17,9 @@ from pipeline.evaluation import (
     real_floor,
 )
 from pipeline.flow import sample
-from pipeline.modelio import load_model
+from pipeline.modelio import load_model, model_hash
 from pipeline.nets import count_macs, count_params
 from pipeline.plots import quality_vs_nfe, sample_grid
-from pipeline.registry import model_hash
 from stages.common import stage
 
 REPORTS, MODELS = Path("reports"), Path("models")
@@ -44,21 +43,21 @@ def relative_to_teacher(board: pd.DataFrame) -> pd.DataFrame:
     return board
 
 
-def write_msd_groups(ref: Reference, noise: list[torch.Tensor]) -> None:
+def write_msd_groups(ref: Reference, noise: list[torch.Tensor], device: torch.device) -> None:
     """MSD ensemble vs the single same-size student (distill@fgd), class group by class group."""
-    router = load_model(MODELS / "msd@ensemble")
+    router = load_model(MODELS / "msd@ensemble", device)
     groups = router.meta["groups"]
-    rows = [{"model": model.name, **row} for model in (router, load_model(MODELS / "distill@fgd"))
+    rows = [{"model": model.name, **row} for model in (router, load_model(MODELS / "distill@fgd", device))
             for row in group_quality(model.net, ref, noise, groups)]  # fmt: skip
     atomic_write_text(REPORTS / "msd_groups.csv", pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
 
 
-def write_stepper_transfer(ref: Reference, noise: list[torch.Tensor]) -> None:
+def write_stepper_transfer(ref: Reference, noise: list[torch.Tensor], device: torch.device) -> None:
     """The teacher-trained RL policy, unchanged, on the annealed student's flow vs fixed solvers (never fed back)."""
     from pipeline.stepsize import ReferenceCache, StepPolicy, pareto_table
 
-    student, policy = load_model(MODELS / "anneal@slimflow").net, StepPolicy.load(MODELS / "stepper")
-    z, label = noise[0][:256], ref.labels[:256]
+    student, policy = load_model(MODELS / "anneal@slimflow", device).net, StepPolicy.load(MODELS / "stepper")
+    z, label = noise[0][:256].to(device), ref.labels[:256].to(device)
     x_ref = ReferenceCache(student, tol=policy.config.ref_tol)(z, label)
     table = pareto_table(student, z, label, x_ref, policy)
     atomic_write_text(REPORTS / "stepper_transfer.csv", table.to_csv(index=False, float_format="%.6g"))
@@ -75,13 +74,14 @@ def main() -> None:
         p, split = s.params.eval, load_split(Path("data"))
         shape, classes = split.train.shape, split.train.num_classes
         s.tracker.set_tags({"slimstep.featurizer": model_hash(MODELS / "featurizer")})  # compare ranks like with like
-        ref, noise = eval_inputs(split, load_model(MODELS / "featurizer").net, p.n_samples, p.seeds)
+        featurizer = load_model(MODELS / "featurizer", s.device).net
+        ref, noise = eval_inputs(split, featurizer, p.n_samples, p.seeds)
         rows = [{"model": "real", "params": 0, "macs_per_sample": 0, **real_floor(ref, p.knn_k)}]
         grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class)
         grid_noise = torch.randn((len(grid_labels), *shape), generator=torch.Generator().manual_seed(0))
         (REPORTS / "grids").mkdir(parents=True, exist_ok=True)
         for directory in model_dirs():
-            model = load_model(directory)
+            model = load_model(directory, s.device)
             net, meta = model.net, model.meta
             onestep = meta["kind"] != "flow"
             samplers = (
@@ -97,13 +97,13 @@ def main() -> None:
                              **row, "macs_per_sample": macs * row["nfe"]})  # fmt: skip
                 print(f"{meta['stage']:>16} {row['sampler']:>14}  nfe {row['nfe']:6.1f}  fd {row['fd']:.3f}")
             grid_sampler = "onestep" if onestep else meta.get("default_sampler", "dopri5-1e-05")
-            grid = sample(net, grid_noise, grid_labels, grid_sampler).x
+            grid = sample(net, grid_noise.to(s.device), grid_labels.to(s.device), grid_sampler).x.cpu()
             grid_path = REPORTS / "grids" / f"{meta['stage'].replace('@', '-')}.png"
             sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})")
             s.tracker.log_artifact(grid_path, "grids")
 
-        write_msd_groups(ref, noise)
-        write_stepper_transfer(ref, noise)
+        write_msd_groups(ref, noise, s.device)
+        write_stepper_transfer(ref, noise, s.device)
         board = relative_to_teacher(pd.DataFrame(rows)).reindex(columns=COLUMNS)
         atomic_write_text(REPORTS / "leaderboard.csv", board.to_csv(index=False, float_format="%.6g"))
         board[["model", "sampler", "nfe", "fd", "fd_std"]].to_csv(REPORTS / "quality_nfe.csv", index=False)

@@ -14,8 +14,11 @@ OUT, TABLE = Path("models/stepper"), Path("reports/stepper/pareto.csv")
 EVAL_SEED_OFFSET = 7_919  # held-out noises never overlap the training ones
 
 
-def noise_batch(seed: int, start: int, size: int, shape: tuple[int, ...], classes: int) -> tuple:
-    return pair_noise(seed, range(start, start + size), shape, list(range(classes)))
+def noise_batch(
+    seed: int, start: int, size: int, shape: tuple[int, ...], classes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z, label = pair_noise(seed, range(start, start + size), shape, list(range(classes)))
+    return z.to(device), label.to(device)
 
 
 def main() -> None:
@@ -25,13 +28,14 @@ def main() -> None:
         shape, classes = tuple(teacher.meta["data_shape"]), teacher.meta["num_classes"]
         config = StepperConfig(n_actions=p.n_actions, h_min=p.h_min, h_max=p.h_max, nfe_cap=p.nfe_cap, lam=p.lam,
                                err_scale=p.err_scale)  # fmt: skip
-        noise = [noise_batch(p.seed, b * p.batch_size, p.batch_size, shape, classes) for b in range(p.noise_batches)]
+        noise = [noise_batch(p.seed, b * p.batch_size, p.batch_size, shape, classes, s.device)
+                 for b in range(p.noise_batches)]  # fmt: skip
         torch.manual_seed(p.seed)
         env = ODEStepEnv(teacher.net, noise, config)
         policy = train_policy(env, p.total_timesteps, p.seed, net_arch=p.net_arch, learning_rate=p.learning_rate)
         policy.save(OUT)
 
-        z, label = noise_batch(p.seed + EVAL_SEED_OFFSET, 0, p.eval_batch, shape, classes)
+        z, label = noise_batch(p.seed + EVAL_SEED_OFFSET, 0, p.eval_batch, shape, classes, s.device)
         x_ref = ReferenceCache(teacher.net, tol=config.ref_tol)(z, label)
         table = pareto_table(teacher.net, z, label, x_ref, policy)
         TABLE.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,6 @@ from pipeline.stepsize import (
     ReferenceCache,
     StepperConfig,
     StepPolicy,
-    ThreeBodyConfig,
-    ThreeBodyEnv,
     controlled_solve,
     pair_rmse,
     pareto_table,
@@ -26,6 +24,7 @@ from pipeline.stepsize import (
     run_episode,
     train_policy,
 )
+from pipeline.stepsize.threebody import ThreeBodyConfig, ThreeBodyEnv
 
 MU, S = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 0.3
 

@@ -18,7 +18,8 @@ import pandas as pd
 import yaml
 
 from pipeline import tracking
-from pipeline.registry import FEATURIZER_TAG, model_hash
+from pipeline.modelio import model_hash
+from pipeline.registry import FEATURIZER_TAG
 
 RANK_METRIC = "distill-fgd/onestep/fd"  # the one-step SlimFlow student's FD
 KEY_SUFFIX = "/fd"

@@ -1,4 +1,7 @@
-"""RL adaptive time-stepping (ALGORITHMS §6): ODE env on the teacher's flow, DQN policy, three-body env."""
+"""RL adaptive time-stepping (ALGORITHMS §6): ODE env on the teacher's flow, DQN policy.
+
+The three-body testbed (`pipeline.stepsize.threebody`, needs REBOUND) is imported on its own: the chain never uses it.
+"""
 
 from pipeline.stepsize.env import (
     OBS_NAMES,
@@ -11,7 +14,6 @@ from pipeline.stepsize.env import (
 )
 from pipeline.stepsize.pareto import pareto_table
 from pipeline.stepsize.policy import PolicySpec, StepPolicy, rl_solve, run_episode, train_policy
-from pipeline.stepsize.threebody import ThreeBodyConfig, ThreeBodyEnv, initial_positions
 
 __all__ = [
     "OBS_NAMES",
@@ -21,10 +23,7 @@ __all__ = [
     "StepPolicy",
     "SteppedHeun",
     "StepperConfig",
-    "ThreeBodyConfig",
-    "ThreeBodyEnv",
     "controlled_solve",
-    "initial_positions",
     "pair_rmse",
     "pareto_table",
     "rl_solve",
