@@ -113,6 +113,7 @@ def test_mixed_steps_land_on_t_end_and_count_calls() -> None:
         obs, reward, terminated, _, _ = env.step(action)
         assert not terminated and reward == 0.0
     assert math.isclose(float(obs[0]), EPS + 7 / 8 * (1 - EPS), rel_tol=1e-6)
+    assert math.isclose(float(obs[5]), math.log((1 - EPS) / 8), rel_tol=1e-5)  # log_rem = log(t_end - t)
     obs, reward, terminated, _, info = env.step(3)  # h = 1 clipped to the remaining 1/8
     assert terminated and obs[0] == 1.0 and info["nfe"] == v.calls == 7
     expected = -math.log(info["err"] / POW2.err_scale) - POW2.lam * 7
@@ -177,6 +178,15 @@ def test_tiny_dqn_trains_saves_loads_and_solves(tmp_path) -> None:
         gaussian_v, z, label, gaussian_map(z), policy=loaded, euler_steps=(1,), heun_steps=(2,)
     )
     assert table.iloc[-1].solver == "rl" and table.iloc[-1].nfe == a.nfe
+
+
+def test_policy_with_other_observations_is_refused() -> None:
+    """A policy saved by older code (5 features, no log_rem) must fail loudly, not be fed a shifted vector."""
+    env = ODEStepEnv(gaussian_v, noise(1), StepperConfig(nfe_cap=16))
+    policy = train_policy(env, total_timesteps=60, seed=0, net_arch=(8,), learning_starts=20)
+    policy.spec.obs_names = policy.spec.obs_names[:5]
+    with pytest.raises(ValueError, match="log_rem.*retrain"):
+        rl_solve(policy, gaussian_v, *noise(1)[0])
 
 
 def test_threebody_epsilon_trades_energy_error_for_steps() -> None:

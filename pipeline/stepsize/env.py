@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pipeline.flow import EPS, SampleResult, VelocityFn, dopri5
 
-OBS_NAMES = ("t", "log_h", "log_err", "log_dv", "nfe_frac")
+OBS_NAMES = ("t", "log_h", "log_err", "log_dv", "nfe_frac", "log_rem")
 LOG_MIN, LOG_MAX = -30.0, 10.0  # natural-log feature bounds (the Box the agent sees)
 
 
@@ -123,9 +123,15 @@ class SteppedHeun:
             return self.v(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), self.label)
 
     def features(self) -> np.ndarray:
-        """float32 (5,) observation, named by OBS_NAMES; scalars only, never the image."""
+        """float32 (6,) observation, named by OBS_NAMES; scalars only, never the image.
+
+        log_rem = log(t_end - t) makes "close to the data end" a feature in its own right: the step that reaches
+        t_end is Euler, and a policy keyed only on the local error estimate carries large final steps over to a
+        straighter flow (the annealed student), where that last Euler step then dominates the error.
+        """
         nfe_frac = self.nfe / self.config.nfe_cap
-        return np.array([self.t, self.log_h, self.log_err, self.log_dv, nfe_frac], dtype=np.float32)
+        log_rem = _log(self.config.t_end - self.t)
+        return np.array([self.t, self.log_h, self.log_err, self.log_dv, nfe_frac, log_rem], dtype=np.float32)
 
     def _finish(self) -> None:
         self.x = self.x + (self.config.t_end - self.t) * self.v_t
@@ -158,8 +164,8 @@ class SteppedHeun:
 
 
 def observation_space() -> gym.spaces.Box:
-    low = np.array([0.0, LOG_MIN, LOG_MIN, LOG_MIN, 0.0], dtype=np.float32)
-    high = np.array([1.0, LOG_MAX, LOG_MAX, LOG_MAX, 1.0], dtype=np.float32)
+    low = np.array([0.0, LOG_MIN, LOG_MIN, LOG_MIN, 0.0, LOG_MIN], dtype=np.float32)
+    high = np.array([1.0, LOG_MAX, LOG_MAX, LOG_MAX, 1.0, LOG_MAX], dtype=np.float32)
     return gym.spaces.Box(low, high, dtype=np.float32)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pipeline.atomic import atomic_torch_save, atomic_write_text
 from pipeline.flow import SampleResult, VelocityFn
-from pipeline.stepsize.env import StepperConfig, controlled_solve
+from pipeline.stepsize.env import OBS_NAMES, StepperConfig, controlled_solve
 
 FORMAT_VERSION = 1
 WEIGHTS, SPEC = "policy.pt", "policy.json"
@@ -156,6 +156,11 @@ def rl_solve(
 
     `config` overrides the trained one (another t_end or NFE cap); its action set must match the policy's.
     """
+    if policy.spec.obs_names != list(OBS_NAMES):
+        raise ValueError(
+            f"the policy observes {policy.spec.obs_names} but this code's stepper gives {list(OBS_NAMES)}: "
+            "retrain it (dvc repro stepper)"
+        )
     config = config or policy.config
     if not np.allclose(config.step_sizes(), policy.spec.actions):
         raise ValueError("config's action set differs from the one the policy was trained on")
