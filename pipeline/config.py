@@ -22,7 +22,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-SamplerName = Annotated[str, Field(description="euler-N | heun-N | dopri5-<tol> | onestep")]
+SamplerName = Annotated[str, Field(description="euler-N[-wP] | heun-N[-wP] | dopri5-<tol> | onestep")]
 
 
 def _check_samplers(names: list[str]) -> list[str]:
@@ -89,7 +89,7 @@ class TeacherSection(TrainSection):
 class PairSet(Section):
     """One pair set: whose ODE is solved and how, and the file the solver needs (DVC deps are static)."""
 
-    solver: str = Field("dopri5-1e-04", description="a sampler name (euler-N | heun-N | dopri5-TOL) or rl")
+    solver: str = Field("dopri5-1e-04", description="a sampler name (euler-N[-wP] | heun-N[-wP] | dopri5-TOL) or rl")
     policy: str = Field(TEACHER_DIR, description="extra dependency: models/stepper for rl, else models/teacher")
     flow: str = Field(TEACHER_DIR, description="the model whose ODE is solved: the teacher, or a 2-flow student "
                       "such as models/anneal@slimflow (pairs regenerated for distillation, ALGORITHMS §4)")  # fmt: skip
@@ -191,13 +191,14 @@ class StepperSection(Section):
     batch_size: int = Field(64, ge=1, description="noises per episode (one solve batch)")
     eval_batch: int = Field(256, ge=1, description="held-out noises for the NFE-error table")
     n_actions: int = Field(6, ge=2, le=32)
-    h_min: float = Field(1 / 32, gt=0, le=1, description="smallest step, fraction of [eps, 1]")
+    h_min: float = Field(1 / 32, gt=0, le=1, description="smallest step, fraction of the solve (see warp)")
     h_max: float = Field(1.0, gt=0, le=1)
     nfe_cap: int = Field(64, ge=3)
     lam: float = Field(0.01, ge=0, description="reward cost per network call")
     err_scale: float = Field(0.01, gt=0)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     net_arch: list[int] = Field([64, 64], min_length=1)
+    warp: float = Field(2.0, ge=1, description="time grid of the steps: 1 uniform in t, 2 packed toward t = 1")
 
     _h_range = field_validator("h_max")(_not_below("h_min"))
 

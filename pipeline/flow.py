@@ -78,32 +78,45 @@ class SampleResult:
     nfe: int  # network calls for the whole batch solve
 
 
-def _intervals(steps: int, eps: float, t_end: float) -> list[tuple[float, float]]:
-    """`steps` uniform (t0, t1) intervals covering [eps, t_end] exactly."""
+def warp_time(u: float, warp: float, eps: float = EPS, t_end: float = 1.0) -> float:
+    """Time at fraction u of a solve: eps + (t_end - eps)(1 - (1 - u)^warp); warp 1 is uniform.
+
+    warp > 1 packs steps toward the data end, where a 1-RF's paths bend most (the teacher's fixed-step error
+    sits near t = 1: at 31 NFE, Heun with warp 2 has 8x less pair error than uniform Heun on digits).
+    """
+    return eps + (t_end - eps) * (1 - (1 - u) ** warp)
+
+
+def _intervals(steps: int, eps: float, t_end: float, warp: float = 1.0) -> list[tuple[float, float]]:
+    """`steps` (t0, t1) intervals covering [eps, t_end] exactly, uniform in u = k / steps, t = warp_time(u)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    h = (t_end - eps) / steps
-    return list(pairwise([eps + k * h for k in range(steps)] + [t_end]))
+    if warp < 1:
+        raise ValueError(f"warp must be >= 1 (1 = uniform steps), got {warp}")
+    if warp == 1:
+        h = (t_end - eps) / steps
+        return list(pairwise([eps + k * h for k in range(steps)] + [t_end]))
+    return list(pairwise([warp_time(k / steps, warp, eps, t_end) for k in range(steps)] + [t_end]))
 
 
 @torch.no_grad()
 def euler(
-    v: VelocityFn, z: Tensor, label: Tensor, steps: int, eps: float = EPS, t_end: float = 1.0
+    v: VelocityFn, z: Tensor, label: Tensor, steps: int, eps: float = EPS, t_end: float = 1.0, warp: float = 1.0
 ) -> SampleResult:
-    """Euler with `steps` uniform steps from z (B,*shape) at t = eps to t_end; NFE = steps."""
+    """Euler with `steps` steps (uniform, or packed toward t_end by `warp`) from z (B,*shape) at eps; NFE = steps."""
     x = z
-    for t0, t1 in _intervals(steps, eps, t_end):
+    for t0, t1 in _intervals(steps, eps, t_end, warp):
         x = x + (t1 - t0) * v(x, _full(t0, x), label)
     return SampleResult(x, steps)
 
 
 @torch.no_grad()
 def heun(
-    v: VelocityFn, z: Tensor, label: Tensor, steps: int, eps: float = EPS, t_end: float = 1.0
+    v: VelocityFn, z: Tensor, label: Tensor, steps: int, eps: float = EPS, t_end: float = 1.0, warp: float = 1.0
 ) -> SampleResult:
-    """Heun (trapezoidal RK2) with `steps` uniform steps, the last one plain Euler; NFE = 2 steps - 1."""
+    """Heun (trapezoidal RK2) with `steps` steps on euler's grid, the last one plain Euler; NFE = 2 steps - 1."""
     x, nfe = z, 0
-    for k, (t0, t1) in enumerate(_intervals(steps, eps, t_end)):
+    for k, (t0, t1) in enumerate(_intervals(steps, eps, t_end, warp)):
         d = v(x, _full(t0, x), label)
         nfe += 1
         x_pred = x + (t1 - t0) * d
@@ -141,7 +154,10 @@ def dopri5(
     return SampleResult(x, nfe)
 
 
-_ALLOWED = "'euler-N', 'heun-N' (integer N >= 1), 'dopri5-TOL' (TOL > 0, e.g. 'dopri5-1e-05'), 'onestep'"
+_ALLOWED = (
+    "'euler-N', 'heun-N' (integer N >= 1; add '-wP' for steps packed toward the data end, P >= 1, e.g. "
+    "'heun-16-w2'), 'dopri5-TOL' (TOL > 0, e.g. 'dopri5-1e-05'), 'onestep'"
+)
 
 
 @dataclass(frozen=True)
@@ -149,22 +165,26 @@ class SamplerSpec:
     kind: Literal["euler", "heun", "dopri5", "onestep"]
     steps: int | None = None  # euler / heun
     tol: float | None = None  # dopri5 rtol = atol
+    warp: float = 1.0  # euler / heun time grid (warp_time)
 
     @property
     def name(self) -> str:
         """Canonical name, parsed back by `parse_sampler`."""
         if self.kind == "onestep":
             return "onestep"
-        return f"{self.kind}-{self.tol!r}" if self.kind == "dopri5" else f"{self.kind}-{self.steps}"
+        if self.kind == "dopri5":
+            return f"{self.kind}-{self.tol!r}"
+        return f"{self.kind}-{self.steps}" + (f"-w{self.warp:g}" if self.warp != 1 else "")
 
 
 def parse_sampler(name: str) -> SamplerSpec:
-    """'euler-4' | 'heun-8' | 'dopri5-1e-05' | 'onestep' -> SamplerSpec; ValueError lists allowed forms."""
+    """'euler-4' | 'heun-8' | 'heun-16-w2' | 'dopri5-1e-05' | 'onestep' -> SamplerSpec; ValueError lists forms."""
     if name == "onestep":
         return SamplerSpec("onestep")
-    if m := re.fullmatch(r"(euler|heun)-(\d+)", name):
-        if int(m[2]) >= 1:
-            return SamplerSpec(m[1], steps=int(m[2]))  # type: ignore[arg-type]
+    if m := re.fullmatch(r"(euler|heun)-(\d+)(?:-w(\d+(?:\.\d+)?))?", name):
+        warp = float(m[3]) if m[3] else 1.0
+        if int(m[2]) >= 1 and warp >= 1:
+            return SamplerSpec(m[1], steps=int(m[2]), warp=warp)  # type: ignore[arg-type]
     elif m := re.fullmatch(r"dopri5-(.+)", name):
         try:
             tol = float(m[1])
@@ -183,7 +203,7 @@ def sample(v: VelocityFn, z: Tensor, label: Tensor, sampler: str) -> SampleResul
         return SampleResult(one_step(v, z, label), 1)
     if spec.kind == "dopri5":
         return dopri5(v, z, label, rtol=spec.tol, atol=spec.tol)  # type: ignore[arg-type]
-    return (euler if spec.kind == "euler" else heun)(v, z, label, spec.steps)  # type: ignore[arg-type]
+    return (euler if spec.kind == "euler" else heun)(v, z, label, spec.steps, warp=spec.warp)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ def main() -> None:
         teacher = load_model("models/teacher", s.device)
         shape, classes = tuple(teacher.meta["data_shape"]), teacher.meta["num_classes"]
         config = StepperConfig(n_actions=p.n_actions, h_min=p.h_min, h_max=p.h_max, nfe_cap=p.nfe_cap, lam=p.lam,
-                               err_scale=p.err_scale)  # fmt: skip
+                               err_scale=p.err_scale, warp=p.warp)  # fmt: skip
         noise = [noise_batch(p.seed, b * p.batch_size, p.batch_size, shape, classes, s.device)
                  for b in range(p.noise_batches)]  # fmt: skip
         torch.manual_seed(p.seed)

@@ -87,6 +87,25 @@ def test_convergence_order(gauss, solver, ratio):
         assert coarse / fine == pytest.approx(ratio, rel=0.12)
 
 
+def test_warped_grid_packs_steps_toward_the_data_end(gauss):
+    """t_k = eps + (1 - eps)(1 - (1 - k/N)^w): same endpoints, shrinking steps; Heun keeps order 2 on it."""
+    v, z, label, x1 = gauss
+    counted = Counted(v)
+    times: list[float] = []
+    flow.euler(lambda x, t, lab: times.append(t[0].item()) or counted(x, t, lab), z, label, 4, warp=2.0)
+    want = [EPS + (1 - EPS) * (1 - (1 - k / 4) ** 2) for k in range(4)]  # 0.001, 0.43766, 0.75025, 0.93756
+    assert times == pytest.approx(want, abs=1e-12) and counted.calls == 4
+    steps = [b - a for a, b in zip(want + [1.0], (want + [1.0])[1:], strict=False)]
+    assert all(a > b for a, b in zip(steps, steps[1:], strict=False))
+    errs = [err(flow.heun(v, z, label, n, warp=2.0).x, x1) for n in (40, 80, 160)]
+    for coarse, fine in zip(errs[:-1], errs[1:], strict=True):
+        assert coarse / fine == pytest.approx(4.0, rel=0.15)
+    assert torch.equal(flow.sample(v, z, label, "heun-8-w2").x, flow.heun(v, z, label, 8, warp=2.0).x)
+    assert flow.sample(counted, z, label, "heun-8-w2").nfe == 15
+    with pytest.raises(ValueError, match="warp"):
+        flow.heun(v, z, label, 8, warp=0.5)
+
+
 def test_nfe_counts_are_exact(gauss):
     v, z, label, _ = gauss
     for name, want in [("euler-7", 7), ("heun-1", 1), ("heun-5", 9), ("onestep", 1), ("dopri5-1e-05", None)]:
@@ -227,6 +246,8 @@ def test_helpers():
     [
         ("euler-4", SamplerSpec("euler", steps=4)),
         ("heun-8", SamplerSpec("heun", steps=8)),
+        ("heun-16-w2", SamplerSpec("heun", steps=16, warp=2.0)),
+        ("euler-4-w1.5", SamplerSpec("euler", steps=4, warp=1.5)),
         ("dopri5-1e-05", SamplerSpec("dopri5", tol=1e-5)),
         ("onestep", SamplerSpec("onestep")),
     ],
@@ -237,7 +258,9 @@ def test_parse_sampler_round_trips(name, spec):
 
 
 @pytest.mark.parametrize(
-    "name", ["euler-0", "foo", "dopri5-x", "heun--1", "dopri5-0", "dopri5-nan", "euler-2.5", "Euler-4", ""]
+    "name",
+    ["euler-0", "foo", "dopri5-x", "heun--1", "dopri5-0", "dopri5-nan", "euler-2.5", "Euler-4", "", "heun-8-w0.5",
+     "heun-8-w", "dopri5-1e-05-w2"],
 )
 def test_parse_sampler_rejects(name):
     with pytest.raises(ValueError, match="allowed forms") as info:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -89,18 +90,19 @@ def test_check_env_threebody() -> None:
     sb3_check_env(ThreeBodyEnv(config, ic_seeds=range(4)), warn=True)
 
 
+@pytest.mark.parametrize("warp", [1.0, 2.0])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_constant_step_reproduces_flow_heun(n: int) -> None:
-    """h = 1/N every step = flow.heun(N): Heun steps, the last one Euler, NFE 2N - 1 counted exactly."""
-    v = Counted(gaussian_v)
-    env = ODEStepEnv(v, noise(1), POW2, reference=ReferenceCache(gaussian_v))
+def test_constant_step_reproduces_flow_heun(n: int, warp: float) -> None:
+    """h = 1/N every step = flow.heun(N, warp): Heun steps, the last one Euler, NFE 2N - 1 counted exactly."""
+    v, config = Counted(gaussian_v), replace(POW2, warp=warp)
+    env = ODEStepEnv(v, noise(1), config, reference=ReferenceCache(gaussian_v))
     action = int(np.argmin(np.abs(env.action_values - 1 / n)))
     _, info = run_episode(env, lambda obs: action)
-    expected = flow.heun(gaussian_v, *noise(1)[0], steps=n)
+    expected = flow.heun(gaussian_v, *noise(1)[0], steps=n, warp=warp)
     assert env.solution.nfe == info["nfe"] == v.calls == expected.nfe == 2 * n - 1
     torch.testing.assert_close(env.solution.x, expected.x, rtol=0, atol=1e-12)
     assert not info["capped"]
-    solved = controlled_solve(lambda obs: action, gaussian_v, *noise(1)[0], POW2)
+    solved = controlled_solve(lambda obs: action, gaussian_v, *noise(1)[0], config)
     torch.testing.assert_close(solved.x, env.solution.x, rtol=0, atol=0)
 
 

@@ -2,11 +2,12 @@
 
 Stepping rule (shared by the env and `controlled_solve`, so a policy sees the same features when deployed):
 - the state at a decision is (x, t) with v(x, t) already evaluated: once at reset, then eagerly after a step;
-- an action picks h from a log-spaced set as a fraction of the span [eps, t_end] (h = 1/N: flow.heun's step);
+- an action picks h from a log-spaced set as a fraction u of the solve, mapped to time by `flow.warp_time` with
+  the config's `warp` (1: a fraction of [eps, t_end]; 2: steps packed toward t_end); h = 1/N is flow.heun's step;
 - a step that reaches t_end (clipped to land on it exactly) is plain Euler with the velocity in hand: no call,
   and none at t_end, where the finite-data oracle is singular;
 - any other step is Heun (1 call at the Euler predictor), then 1 call at the new point: 2 calls per step.
-So a constant h = 1/N costs 1 + 2(N - 1) = 2N - 1 calls and reproduces `flow.heun(N)` step for step.
+So a constant h = 1/N costs 1 + 2(N - 1) = 2N - 1 calls and reproduces `flow.heun(N, warp=warp)` step for step.
 
 NFE cap: when another Heun step would exceed `nfe_cap`, the solve finishes at once with a free Euler jump to
 t_end (using the velocity in hand). The episode then *terminates* (not truncates): its sample is complete and
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.flow import EPS, SampleResult, VelocityFn, dopri5
+from pipeline.flow import EPS, SampleResult, VelocityFn, dopri5, warp_time
 
 OBS_NAMES = ("t", "log_h", "log_err", "log_dv", "nfe_frac", "log_rem")
 LOG_MIN, LOG_MAX = -30.0, 10.0  # natural-log feature bounds (the Box the agent sees)
@@ -45,10 +46,13 @@ class StepperConfig:
     ref_tol: float = 1e-7  # dopri5 rtol = atol of the reference
     eps: float = EPS
     t_end: float = 1.0
+    warp: float = 1.0  # time grid the actions step on (flow.warp_time); 1 = uniform in t
 
     def __post_init__(self) -> None:
         if not 0 < self.h_min <= self.h_max <= 1 or self.n_actions < 1:
             raise ValueError(f"need n_actions >= 1 and 0 < h_min <= h_max <= 1, got {self}")
+        if self.warp < 1:
+            raise ValueError(f"warp must be >= 1 (1 = uniform steps), got {self.warp}")
         if self.nfe_cap < 3:
             raise ValueError(f"nfe_cap must be >= 3 (one Heun step after the first call), got {self.nfe_cap}")
 
@@ -112,7 +116,7 @@ class SteppedHeun:
 
     def __init__(self, v: VelocityFn, z: Tensor, label: Tensor, config: StepperConfig) -> None:
         self.v, self.label, self.config = v, label, config
-        self.x, self.t, self.nfe = z, config.eps, 0
+        self.x, self.t, self.u, self.nfe = z, config.eps, 0.0, 0  # u: fraction of the solve done
         self.done = self.capped = False
         self.log_h = self.log_err = self.log_dv = 0.0  # 0 until the first Heun step
         self.v_t = self._call(self.x, self.t)
@@ -135,25 +139,29 @@ class SteppedHeun:
 
     def _finish(self) -> None:
         self.x = self.x + (self.config.t_end - self.t) * self.v_t
-        self.t, self.done = self.config.t_end, True
+        self.t, self.u, self.done = self.config.t_end, 1.0, True
 
     def advance(self, h: float) -> None:
-        """Take one step of fraction h of the span; the step reaching t_end is Euler, others are Heun."""
+        """Take one step of fraction h of the solve; the step reaching t_end is Euler, others are Heun."""
         if self.done:
             raise RuntimeError("the solve has reached t_end; start a new one")
-        span = self.config.t_end - self.config.eps
-        dt = h * span
-        if self.t + dt >= self.config.t_end - 1e-9 * span:
+        cfg, span = self.config, self.config.t_end - self.config.eps
+        u1 = self.u + h
+        if u1 >= 1 - 1e-9:
             self._finish()
             return
-        t1 = self.t + dt
+        t1 = self.t + h * span if cfg.warp == 1 else warp_time(u1, cfg.warp, cfg.eps, cfg.t_end)
+        if t1 >= cfg.t_end - 1e-9 * span:
+            self._finish()
+            return
+        dt = t1 - self.t
         v_pred = self._call(self.x + dt * self.v_t, t1)
         self.x = self.x + 0.5 * dt * (self.v_t + v_pred)
         v_new = self._call(self.x, t1)
         self.log_h = _log(dt)
         self.log_err = _log(per_pair_rms(0.5 * dt * (v_pred - self.v_t)))  # Heun - Euler: free error estimate
         self.log_dv = _log(per_pair_rms(v_new - self.v_t))  # velocity change along the path over the step
-        self.v_t, self.t = v_new, t1
+        self.v_t, self.t, self.u = v_new, t1, u1
         if self.nfe + 2 > self.config.nfe_cap:
             self.capped = True
             self._finish()

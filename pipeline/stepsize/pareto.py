@@ -24,10 +24,13 @@ def pareto_table(
     euler_steps: Sequence[int] = (1, 2, 4, 8, 16, 32),
     heun_steps: Sequence[int] = (1, 2, 4, 8, 16, 32),
     tols: Sequence[float] = (1e-2, 1e-3, 1e-4, 1e-5),
+    warped_heun_steps: Sequence[int] = (4, 8, 16, 32),
+    warp: float = 2.0,
     eps: float = EPS,
     t_end: float = 1.0,
 ) -> pd.DataFrame:
-    """Rows (solver, setting, nfe, err) for Euler N, Heun N, dopri5 at rtol = atol = tol and the policy "rl".
+    """Rows (solver, setting, nfe, err) for Euler N, Heun N, dopri5 at rtol = atol = tol, the policy "rl",
+    and Heun N on the end-packed grid `warp` ("heun-w2"): the fixed schedule an adaptive controller must beat.
 
     z (B,*shape) and label (B,) are one solve batch, x_ref (B,*shape) its reference; nfe is per batch solve
     and err = pair_rmse(x, x_ref). The policy solves with its trained config, moved to this eps and t_end.
@@ -37,6 +40,8 @@ def pareto_table(
         rows.append(("euler", str(n), euler(v, z, label, n, eps, t_end)))
     for n in heun_steps:
         rows.append(("heun", str(n), heun(v, z, label, n, eps, t_end)))
+    for n in warped_heun_steps:
+        rows.append((f"heun-w{warp:g}", str(n), heun(v, z, label, n, eps, t_end, warp)))
     for tol in tols:
         rows.append(("dopri5", f"{tol:g}", dopri5(v, z, label, rtol=tol, atol=tol, eps=eps, t_end=t_end)))
     if policy is not None:
