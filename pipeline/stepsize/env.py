@@ -145,15 +145,11 @@ class SteppedHeun:
         """Take one step of fraction h of the solve; the step reaching t_end is Euler, others are Heun."""
         if self.done:
             raise RuntimeError("the solve has reached t_end; start a new one")
-        cfg, span = self.config, self.config.t_end - self.config.eps
-        u1 = self.u + h
+        cfg, u1 = self.config, self.u + h
         if u1 >= 1 - 1e-9:
             self._finish()
             return
-        t1 = self.t + h * span if cfg.warp == 1 else warp_time(u1, cfg.warp, cfg.eps, cfg.t_end)
-        if t1 >= cfg.t_end - 1e-9 * span:
-            self._finish()
-            return
+        t1 = warp_time(u1, cfg.warp, cfg.eps, cfg.t_end)
         dt = t1 - self.t
         v_pred = self._call(self.x + dt * self.v_t, t1)
         self.x = self.x + 0.5 * dt * (self.v_t + v_pred)
