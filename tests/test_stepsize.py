@@ -2,7 +2,7 @@
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from pipeline import flow
 from pipeline.flow import EPS, ExactVelocity
 from pipeline.stepsize import (
     ODEStepEnv,
+    PolicySpec,
     ReferenceCache,
     StepperConfig,
     StepPolicy,
@@ -184,9 +185,10 @@ def test_tiny_dqn_trains_saves_loads_and_solves(tmp_path) -> None:
 
 def test_policy_with_other_observations_is_refused() -> None:
     """A policy saved by older code (5 features, no log_rem) must fail loudly, not be fed a shifted vector."""
-    env = ODEStepEnv(gaussian_v, noise(1), StepperConfig(nfe_cap=16))
-    policy = train_policy(env, total_timesteps=60, seed=0, net_arch=(8,), learning_starts=20)
-    policy.spec.obs_names = policy.spec.obs_names[:5]
+    config = StepperConfig(nfe_cap=16)
+    old_names = ["t", "log_h", "log_err", "log_dv", "nfe_frac"]
+    spec = PolicySpec(old_names, list(config.step_sizes()), [8], "ode", asdict(config))
+    policy = StepPolicy(spec)
     with pytest.raises(ValueError, match="log_rem.*retrain"):
         rl_solve(policy, gaussian_v, *noise(1)[0])
 
