@@ -84,9 +84,9 @@ def _stage_rate(project: Path) -> dict[str, Any]:
 
 
 def stage_vs_bare(ctx: Context, project: Path, report: Report) -> None:
-    from pipeline.config import load_params
+    from pipeline.config import Params
 
-    digits = load_params(ROOT / "configs" / "digits.yaml").teacher
+    digits = Params().teacher  # the schema defaults are the digits profile
     steps, log_every = (80, 20) if ctx.quick else (600, 100)
     section = digits.model_copy(update={"steps": steps, "log_every": log_every,
                                         "warmup_steps": min(digits.warmup_steps, steps // 3)})  # fmt: skip

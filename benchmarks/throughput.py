@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import ROOT, Report, interleave, median, paired_ratio
+from benchmarks.common import Report, interleave, median, paired_ratio
 from benchmarks.context import Context
 from benchmarks.sampling import CLASSES, SHAPE
 
@@ -34,13 +34,13 @@ def _batches(batch_size: int, paired: bool, seed: int, pool: int = 8) -> Iterato
 
 def stage_setups(seed: int) -> dict[str, Callable[[], tuple[nn.Module, Any, bool]]]:
     """Stage -> builder of (net being trained, its loss object, whether batches carry pair noise)."""
-    from pipeline.config import load_params
+    from pipeline.config import Params
     from pipeline.flow import RectifiedFlowLoss
     from pipeline.msd import DMDLoss, TeacherScoreMatchingLoss
     from pipeline.nets import build_net
     from pipeline.slimflow import AnnealingReflowLoss, FlowGuidedDistillationLoss
 
-    params = load_params(ROOT / "configs" / "digits.yaml")
+    params = Params()  # the schema defaults are the digits profile
     torch.manual_seed(seed)
     teacher = build_net(params.teacher.net, SHAPE, CLASSES).requires_grad_(False)
     guide = build_net(params.anneal.net, SHAPE, CLASSES).requires_grad_(False)  # the annealed student's EMA
@@ -88,10 +88,10 @@ def profile(net: nn.Module, loss: Any, batches: Iterator[Any], steps: int, batch
 def optimizer_options(ctx: Context, report: Report) -> None:
     """Cheap fixes measured: AdamW's fused CPU kernel vs torch's default (foreach), and a foreach gradient clip,
     per optimiser step of the teacher and the student nets (the loop pays both every step)."""
-    from pipeline.config import load_params
+    from pipeline.config import Params
     from pipeline.nets import build_net
 
-    params = load_params(ROOT / "configs" / "digits.yaml")
+    params = Params()  # the schema defaults are the digits profile
     rows = []
     for role, spec in (("teacher", params.teacher.net), ("student", params.anneal.net)):
         torch.manual_seed(ctx.seed)

@@ -18,7 +18,7 @@ app = typer.Typer(
     help="Compress a rectified-flow teacher into small one-step generators.", no_args_is_help=True
 )
 console = Console()
-PARAMS, CONFIGS, LEADERBOARD = Path("params.yaml"), Path("configs"), Path("reports/leaderboard.csv")
+PARAMS, LEADERBOARD = Path("params.yaml"), Path("reports/leaderboard.csv")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -45,10 +45,6 @@ def _committed_params() -> dict[str, Any] | None:
     return yaml.safe_load(shown.stdout) if shown.returncode == 0 else None
 
 
-def profiles() -> list[str]:
-    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-
-
 def validate_or_exit() -> Any:
     from pipeline.config import ParamsError, load_params
 
@@ -60,28 +56,32 @@ def validate_or_exit() -> Any:
 
 @app.command()
 def profile(
-    name: Annotated[str, typer.Argument(help="smoke | digits | toy2d | cifar10")],
+    name: Annotated[str, typer.Argument(help="a file name in configs/: smoke | digits | toy2d | cifar10 | …")],
     force: Annotated[
         bool, typer.Option("--force", help="overwrite uncommitted edits to params.yaml")
     ] = False,
 ) -> None:
-    """Write a profile's complete parameter set into params.yaml (what DVC tracks)."""
-    source = CONFIGS / f"{name}.yaml"
-    if not source.exists():
-        _fail(f"no profile {name!r}; available: {', '.join(profiles())}")
+    """Render a profile (schema defaults + configs/NAME.yaml) into params.yaml, the complete set DVC tracks."""
+    from pipeline.atomic import atomic_write_text
+    from pipeline.config import ParamsError
+    from pipeline.profiles import available, render, render_text
+
+    try:
+        text = render_text(name)
+    except ParamsError as exc:
+        _fail(str(exc))
     if PARAMS.exists() and not force:
         try:
             current = yaml.safe_load(PARAMS.read_text())
         except yaml.YAMLError:
             _fail("params.yaml is not valid YAML; fix it, or pass --force to overwrite it")
-        saved = [yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")]
         committed = _committed_params()
-        if current != committed and current not in saved:
-            reference = committed if committed is not None else saved[0]
+        if current != committed and current not in [render(other) for other in available()]:
+            reference = committed if committed is not None else render(name)
             keys = ", ".join(_differences(current, reference)) or "(formatting only)"
             _fail(f"params.yaml has uncommitted edits ({keys}); commit them or pass --force")
-    shutil.copyfile(source, PARAMS)
-    console.print(f"params.yaml ← {source} (run [bold]dvc repro[/bold] or [bold]make run[/bold])")
+    atomic_write_text(PARAMS, text)
+    console.print(f"params.yaml ← defaults + configs/{name}.yaml (run [bold]dvc repro[/bold] or [bold]make run[/bold])")
 
 
 @app.command()

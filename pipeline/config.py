@@ -43,20 +43,28 @@ def _not_below(low_key: str):  # noqa: ANN202 - a pydantic field validator
     return check
 
 
-class TrainSection(Section):
-    """Keys every training section shares (DESIGN: steps, batch_size, lr, seed)."""
+Steps = Annotated[int, Field(gt=0)]
+BatchSize = Annotated[int, Field(gt=0)]
+LearningRate = Annotated[float, Field(gt=0, lt=1)]
+WarmupSteps = Annotated[int, Field(ge=0)]
+EmaDecay = Annotated[float, Field(ge=0, lt=1)]
+Every = Annotated[int, Field(gt=0)]
 
-    steps: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0, lt=1)
-    seed: int = Field(ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+
+class TrainSection(Section):
+    """Keys every training section shares (steps, batch_size, lr, seed, …); each section sets its own defaults."""
+
+    steps: Steps
+    batch_size: BatchSize = 256
+    lr: LearningRate
+    seed: int = Field(0, ge=0)
+    warmup_steps: WarmupSteps = 0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     grad_clip: float = Field(1.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_decay: EmaDecay = 0.999
     weight_decay: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(500, gt=0)
-    log_every: int = Field(100, gt=0)
+    checkpoint_every: Every = 1000
+    log_every: Every = 100
     amp: bool = True
 
 
@@ -79,11 +87,20 @@ class DataSection(Section):
 
 
 class FeaturizerSection(TrainSection):
+    steps: Steps = 1500
+    batch_size: BatchSize = 128
+    lr: LearningRate = 2e-3
+    warmup_steps: WarmupSteps = 50
+    ema_decay: EmaDecay = 0.99
+    checkpoint_every: Every = 500
     width: int = Field(64, ge=8, description="feature dimension")
 
 
 class TeacherSection(TrainSection):
-    net: NetSpec
+    steps: Steps = 20_000
+    lr: LearningRate = 1e-3
+    warmup_steps: WarmupSteps = 500
+    net: NetSpec = NetSpec(kind="mlp", width=512, depth=4)
 
 
 class PairSet(Section):
@@ -103,10 +120,10 @@ class PairSet(Section):
 
 
 class PairsSection(Section):
-    n_pairs: int = Field(gt=0)
-    shard_size: int = Field(gt=0)
-    solve_batch: int = Field(gt=0)
-    seed: int = Field(ge=0)
+    n_pairs: int = Field(100_000, gt=0)
+    shard_size: int = Field(10_000, gt=0)
+    solve_batch: int = Field(1000, gt=0)
+    seed: int = Field(1, ge=0)
     fp16: bool = False
     sets: dict[str, PairSet] = {"teacher": PairSet()}
     train_set: str = Field("teacher", description="the pair set students train on")
@@ -135,7 +152,10 @@ class PairsSection(Section):
 class AnnealSection(TrainSection):
     """Annealing Reflow (ALGORITHMS §3); `anneal@reflow` trains the same student with beta = 0."""
 
-    net: NetSpec
+    steps: Steps = 10_000
+    lr: LearningRate = 2e-3
+    warmup_steps: WarmupSteps = 200
+    net: NetSpec = NetSpec(kind="resmlp", width=180, depth=2)
     schedule: Literal["linear", "exp", "cos", "constant"] = "linear"
     window_frac: float = Field(0.375, gt=0, le=1, description="W as a fraction of steps")
     beta_constant: float = Field(0.0, ge=0, le=1, description="beta of the constant schedule")
@@ -145,6 +165,8 @@ class AnnealSection(TrainSection):
 class DistillSection(TrainSection):
     """Flow-Guided Distillation (ALGORITHMS §4); `distill@naive` = pair term only, random init, matched steps."""
 
+    steps: Steps = 5000
+    lr: LearningRate = 2e-3
     guide: Literal["anneal", "teacher"] = "anneal"
     guide_steps: int = Field(1, ge=1, le=64, description="Euler steps the guide takes from s to 1")
     s_min: float = Field(0.2, ge=0.001, le=1)
@@ -162,6 +184,8 @@ class DistillSection(TrainSection):
 class MsdSection(TrainSection):
     """Multi-Student Distillation (ALGORITHMS §5): one `msd@k` stage per entry of `students`."""
 
+    steps: Steps = 5000
+    lr: LearningRate = 2e-3
     students: list[int] = Field([0, 1], min_length=1, description="student ids 0..K-1; K = its length")
     partition: Literal["consecutive", "kmeans", "random"] = "consecutive"
     partition_seed: int = Field(0, ge=0)
@@ -186,7 +210,7 @@ class StepperSection(Section):
     """RL step-size controller on the teacher ODE (ALGORITHMS §6); see pipeline/stepsize."""
 
     seed: int = Field(0, ge=0)
-    total_timesteps: int = Field(20000, gt=0, description="DQN environment steps")
+    total_timesteps: int = Field(10_000, gt=0, description="DQN environment steps")
     noise_batches: int = Field(8, ge=1, description="training noise batches (episodes cycle through them)")
     batch_size: int = Field(64, ge=1, description="noises per episode (one solve batch)")
     eval_batch: int = Field(256, ge=1, description="held-out noises for the NFE-error table")
@@ -212,6 +236,8 @@ class EvalSection(Section):
         "euler-4",
         "euler-8",
         "heun-4",
+        "heun-8",
+        "dopri5-1e-03",
         "dopri5-1e-05",
     ]
     flow_samplers: list[SamplerName] = ["euler-1", "euler-2", "euler-4", "dopri5-1e-05"]
@@ -226,15 +252,15 @@ class EvalSection(Section):
 class Params(Section):
     profile: str = "digits"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: DataSection
-    featurizer: FeaturizerSection
-    teacher: TeacherSection
-    stepper: StepperSection
-    pairs: PairsSection
-    anneal: AnnealSection
-    distill: DistillSection
-    msd: MsdSection
-    eval: EvalSection
+    data: DataSection = DataSection()
+    featurizer: FeaturizerSection = FeaturizerSection()
+    teacher: TeacherSection = TeacherSection()
+    stepper: StepperSection = StepperSection()
+    pairs: PairsSection = PairsSection()
+    anneal: AnnealSection = AnnealSection()
+    distill: DistillSection = DistillSection()
+    msd: MsdSection = MsdSection()
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _distill_pairs_exist(self) -> Params:
@@ -256,7 +282,7 @@ def _describe(error: dict[str, Any]) -> str:
     if not error["loc"]:  # a check across sections: its message names the keys
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key (value {value!r}); check the spelling against configs/digits.yaml"
+        return f"{key}: unknown key (value {value!r}); the schema in pipeline/config.py lists every key"
     return f"{key} = {value!r}: {error['msg']}"
 
 
@@ -265,10 +291,33 @@ def validate_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         lines = "\n".join(f"  - {_describe(err)}" for err in exc.errors(include_url=False))
         raise ParamsError(f"{source}: invalid parameters\n{lines}") from None
+    missing = sorted({_absent_prefix(raw, key) for key in _leaf_keys(params.model_dump(mode="json")) - _leaf_keys(raw)})
+    if missing:
+        lines = "\n".join(f"  - {key}: missing (required)" for key in missing)
+        raise ParamsError(f"{source}: invalid parameters (a params file lists every key, so DVC sees every value "
+                          f"a stage reads; `slimstep profile NAME` writes a complete one)\n{lines}")  # fmt: skip
+    return params
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> set[str]:
+    """Dotted paths of the leaves (an empty mapping counts as a leaf)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix}
+    return {key for name, value in tree.items() for key in _leaf_keys(value, f"{prefix}.{name}" if prefix else name)}
+
+
+def _absent_prefix(raw: dict[str, Any], key: str) -> str:
+    """The shortest part of a dotted key that the raw mapping lacks (`eval`, not each key under it)."""
+    node, parts = raw, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            return ".".join(parts[: depth + 1])
+        node = node[part]
+    return key
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -59,7 +59,7 @@ def write_stepper_transfer(ref: Reference, noise: list[torch.Tensor], device: to
     student, policy = load_model(MODELS / "anneal@slimflow", device).net, StepPolicy.load(MODELS / "stepper")
     z, label = noise[0][:256].to(device), ref.labels[:256].to(device)
     x_ref = ReferenceCache(student, tol=policy.config.ref_tol)(z, label)
-    table = pareto_table(student, z, label, x_ref, policy)
+    table = pareto_table(student, z, label, x_ref, policy.config.warp, policy)
     atomic_write_text(REPORTS / "stepper_transfer.csv", table.to_csv(index=False, float_format="%.6g"))
 
 

@@ -37,7 +37,7 @@ def main() -> None:
 
         z, label = noise_batch(p.seed + EVAL_SEED_OFFSET, 0, p.eval_batch, shape, classes, s.device)
         x_ref = ReferenceCache(teacher.net, tol=config.ref_tol)(z, label)
-        table = pareto_table(teacher.net, z, label, x_ref, policy)
+        table = pareto_table(teacher.net, z, label, x_ref, config.warp, policy)
         TABLE.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(TABLE, table.to_csv(index=False))
         rows = {f"{r.solver}-{r.setting}": {"nfe": float(r.nfe), "err": float(r.err)} for r in table.itertuples()}

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.modelio import save_model
 from pipeline.nets import NetSpec, build_net
+from pipeline.profiles import render, render_text
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -35,7 +36,7 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copytree(ROOT / "configs", root / "configs")
     (root / "inputs").mkdir()
     shutil.copy2(ROOT / "inputs/README.md", root / "inputs/README.md")
-    shutil.copy2(ROOT / "configs/digits.yaml", root / "params.yaml")
+    (root / "params.yaml").write_text(render_text("digits", root / "configs"))
     git(root, "init", "-q", "-b", "main")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project")
@@ -62,11 +63,11 @@ def edit_params(section: str, key: str, value: object) -> None:
 def test_profile_writes_the_profile_file(repo: Path) -> None:
     result = cli("profile", "smoke")
     assert result.exit_code == 0, result.output
-    assert (repo / "params.yaml").read_bytes() == (repo / "configs/smoke.yaml").read_bytes()
+    assert (repo / "params.yaml").read_text() == render_text("smoke", repo / "configs")
     assert "configs/smoke.yaml" in said(result)
     # An uncommitted params.yaml that equals a saved profile is not an edit: switching again is allowed.
     assert cli("profile", "toy2d").exit_code == 0
-    assert (repo / "params.yaml").read_bytes() == (repo / "configs/toy2d.yaml").read_bytes()
+    assert (repo / "params.yaml").read_text() == render_text("toy2d", repo / "configs")
 
 
 def test_profile_refuses_to_overwrite_hand_edits_and_names_them(repo: Path) -> None:
@@ -80,7 +81,7 @@ def test_profile_refuses_to_overwrite_hand_edits_and_names_them(repo: Path) -> N
     assert (repo / "params.yaml").read_bytes() == edited
     forced = cli("profile", "digits", "--force")
     assert forced.exit_code == 0, forced.output
-    assert (repo / "params.yaml").read_bytes() == (repo / "configs/digits.yaml").read_bytes()
+    assert (repo / "params.yaml").read_text() == render_text("digits", repo / "configs")
 
 
 def test_committed_edits_may_be_replaced(repo: Path) -> None:
@@ -106,7 +107,7 @@ def test_profile_over_unparseable_params_refuses_cleanly(repo: Path) -> None:
 # Validation.
 def test_validate_accepts_every_profile(repo: Path) -> None:
     for name in ("smoke", "digits", "toy2d", "cifar10"):
-        shutil.copyfile(repo / "configs" / f"{name}.yaml", repo / "params.yaml")
+        (repo / "params.yaml").write_text(render_text(name, repo / "configs"))
         result = cli("validate")
         assert result.exit_code == 0 and f"params.yaml is valid (profile {name})" in said(result)
 
@@ -164,7 +165,7 @@ def test_import_data_copies_an_npz_and_points_params_at_it(repo: Path, tmp_path:
     assert (repo / "inputs/mine.npz").read_bytes() == source.read_bytes()
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["data"]["dataset"] == "npz" and params["data"]["path"] == "inputs/mine.npz"
-    assert params["teacher"] == yaml.safe_load((repo / "configs/digits.yaml").read_text())["teacher"]
+    assert params["teacher"] == render("digits", repo / "configs")["teacher"]
     assert cli("validate").exit_code == 0  # the relative path passes the schema
     refused = cli("profile", "smoke")  # the import is an edit like any other
     assert refused.exit_code == 2 and "data.dataset, data.path" in said(refused)

@@ -13,15 +13,17 @@ import pytest
 import yaml
 
 from pipeline.config import Params, ParamsError, load_params, validate_params
+from pipeline.profiles import available, defaults, read_overlay, render, render_text
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILES = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+CONFIGS = ROOT / "configs"
+PROFILES = available(CONFIGS)
 
 
 @pytest.fixture
 def raw() -> dict[str, Any]:
     """A fresh, valid parsed params mapping (the smoke profile) to break one key at a time."""
-    return yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())
+    return render("smoke", CONFIGS)
 
 
 def error_of(raw: dict[str, Any]) -> str:
@@ -35,8 +37,9 @@ def test_the_four_profiles_are_shipped() -> None:
 
 
 @pytest.mark.parametrize("name", PROFILES)
-def test_every_profile_validates_and_names_itself(name: str) -> None:
-    params = load_params(ROOT / "configs" / f"{name}.yaml")
+def test_every_profile_validates_and_names_itself(name: str, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(render_text(name, CONFIGS))
+    params = load_params(tmp_path / "params.yaml")
     assert isinstance(params, Params)
     assert params.profile == name  # `slimstep profile X` labels runs with the profile it wrote
     assert params.pairs.train_set in params.pairs.sets
@@ -79,7 +82,7 @@ FIELD_ERRORS = {
         ["teacher.net.kind", "'transformer'", "'mlp'", "'unet'"],
     ),
     "bad device": (set_key("device", "tpu"), ["device", "'tpu'", "'cuda'"]),
-    "unknown key": (set_key("teacher.lrr", 0.1), ["teacher.lrr", "unknown key", "0.1", "configs/digits.yaml"]),
+    "unknown key": (set_key("teacher.lrr", 0.1), ["teacher.lrr", "unknown key", "0.1", "pipeline/config.py"]),
     "missing section": (drop_key("eval"), ["eval", "missing (required)"]),
     "missing key": (drop_key("teacher.steps"), ["teacher.steps", "missing (required)"]),
     "bad eval sampler": (
@@ -192,7 +195,7 @@ def test_missing_file_says_how_to_make_one(tmp_path: Path) -> None:
 
 
 def test_valid_file_loads_typed_values(tmp_path: Path) -> None:
-    text = (ROOT / "configs/smoke.yaml").read_text()
+    text = render_text("smoke", CONFIGS)
     assert "  lr: 0.001\n" in text
     path = tmp_path / "params.yaml"
     path.write_text(text.replace("  lr: 0.001\n", "  lr: 2e-3\n", 1))  # PyYAML reads `2e-3` as a string
@@ -214,3 +217,39 @@ def test_stage_with_broken_params_exits_2_without_traceback(tmp_path: Path, raw:
     assert "teacher.lr" in out and "'not-a-number'" in out and "dvc checkout" in out
     assert "Traceback" not in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was run or written
+
+
+# One source: the schema's defaults are the digits profile; every other profile is an overlay of differences.
+def test_params_yaml_is_the_rendered_default_profile() -> None:
+    assert (ROOT / "params.yaml").read_text() == render_text("digits", CONFIGS)
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_overlay_keys_exist_in_the_schema_and_differ_from_the_defaults(name: str) -> None:
+    """A profile lists only what it changes; a pair set of its own (pairs.sets.<new>) is all new keys."""
+    base = _leaves(defaults())
+    overlay = {k: v for k, v in _leaves(read_overlay(name, CONFIGS)).items()
+               if not k.startswith("pairs.sets.") or k in base}  # fmt: skip
+    assert set(overlay) <= set(base), f"configs/{name}.yaml has keys the schema lacks: {set(overlay) - set(base)}"
+    repeated = sorted(k for k in overlay if overlay[k] == base[k])
+    assert not repeated, f"configs/{name}.yaml repeats defaults (declare each value once): {repeated}"
+
+
+def test_an_overlay_with_an_unknown_key_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("teacher:\n  stepz: 3\n")
+    with pytest.raises(ParamsError, match="teacher.stepz: unknown key"):
+        render("mine", tmp_path)
+
+
+def test_an_incomplete_params_file_is_refused_naming_what_is_missing(raw: dict[str, Any]) -> None:
+    del raw["teacher"]["net"]["width"], raw["eval"]
+    message = error_of(raw)
+    assert "  - eval: missing (required)" in message and "  - teacher.net.width: missing (required)" in message
+    assert "slimstep profile NAME" in message

@@ -23,6 +23,7 @@ from pipeline.data import Dataset, RandomBatches
 from pipeline.flow import EPS, RectifiedFlowLoss, sample
 from pipeline.modelio import load_model
 from pipeline.nets import NetSpec, build_net
+from pipeline.profiles import render
 from pipeline.training import train
 from tests.test_flow import gaussian_map, gaussian_velocity
 
@@ -110,7 +111,7 @@ def test_smoke_stages_run_on_cuda(tmp_path: Path) -> None:
     """Every stage of the smoke chain with `device: cuda`, in DAG order (no DVC, tracking off)."""
     for name in ["configs", "pipeline", "stages", "inputs"]:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text()) | {"device": "cuda"}
+    params = render("smoke", ROOT / "configs") | {"device": "cuda"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(tmp_path / "params.yaml")
     commands = [["data"], ["featurizer"], ["teacher"], ["stepper"],

@@ -66,12 +66,13 @@ def noise(batches: int = 2, size: int = 16, seed: int = 0) -> list[tuple[Tensor,
     ]
 
 
-POW2 = StepperConfig(n_actions=4, h_min=1 / 8, h_max=1.0, nfe_cap=64)  # actions h = 1/8, 1/4, 1/2, 1
+BASE = StepperConfig(n_actions=6, h_min=1 / 32, h_max=1.0, nfe_cap=64, lam=0.01, err_scale=0.01, warp=1.0)
+POW2 = replace(BASE, n_actions=4, h_min=1 / 8)  # actions h = 1/8, 1/4, 1/2, 1
 
 
 def test_check_env_ode_gaussian() -> None:
-    gym_check_env(ODEStepEnv(gaussian_v, noise()), skip_render_check=True)
-    sb3_check_env(ODEStepEnv(gaussian_v, noise()), warn=True)
+    gym_check_env(ODEStepEnv(gaussian_v, noise(), BASE), skip_render_check=True)
+    sb3_check_env(ODEStepEnv(gaussian_v, noise(), BASE), warn=True)
 
 
 def test_check_env_ode_finite_data_oracle() -> None:
@@ -79,7 +80,7 @@ def test_check_env_ode_finite_data_oracle() -> None:
     data = torch.rand(5, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
     v = ExactVelocity(data, torch.arange(5) % 2)
     z = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(2))
-    env = ODEStepEnv(v, [(z, torch.tensor([0, 1, 0, 1]))], StepperConfig(t_end=0.99, ref_tol=1e-5))
+    env = ODEStepEnv(v, [(z, torch.tensor([0, 1, 0, 1]))], replace(BASE, t_end=0.99, ref_tol=1e-5))
     gym_check_env(env, skip_render_check=True)
     _, info = run_episode(env, lambda obs: 2)
     assert np.isfinite(info["err"])
@@ -124,7 +125,7 @@ def test_mixed_steps_land_on_t_end_and_count_calls() -> None:
 
 
 def test_nfe_cap_forces_the_final_jump() -> None:
-    config = StepperConfig(n_actions=4, h_min=1 / 64, h_max=1 / 8, nfe_cap=9, cap_penalty=0.5)
+    config = replace(BASE, n_actions=4, h_min=1 / 64, h_max=1 / 8, nfe_cap=9, cap_penalty=0.5)
     v = Counted(gaussian_v)
     env = ODEStepEnv(v, noise(1), config, reference=ReferenceCache(gaussian_v))
     _, info = run_episode(env, lambda obs: 0)
@@ -153,7 +154,7 @@ def test_gaussian_errors_match_theory() -> None:
     x_ref = ReferenceCache(gaussian_v)(z, label)
     assert pair_rmse(x_ref, gaussian_map(z)) < 1e-6
     table = pareto_table(
-        gaussian_v, z, label, gaussian_map(z), euler_steps=(8, 16, 32), heun_steps=(8, 16, 32)
+        gaussian_v, z, label, gaussian_map(z), 2.0, euler_steps=(8, 16, 32), heun_steps=(8, 16, 32)
     )
     err = {(r.solver, int(r.setting)): r.err for r in table.itertuples() if r.solver != "dopri5"}
     for n in (8, 16):
@@ -165,7 +166,7 @@ def test_gaussian_errors_match_theory() -> None:
 
 
 def test_tiny_dqn_trains_saves_loads_and_solves(tmp_path) -> None:
-    config = StepperConfig(nfe_cap=16)
+    config = replace(BASE, nfe_cap=16)
     env = ODEStepEnv(gaussian_v, noise(2), config)
     policy = train_policy(env, total_timesteps=300, seed=0, net_arch=(16, 16), learning_starts=50)
     policy.save(tmp_path)
@@ -178,14 +179,14 @@ def test_tiny_dqn_trains_saves_loads_and_solves(tmp_path) -> None:
     a, b = rl_solve(policy, gaussian_v, z, label), rl_solve(loaded, gaussian_v, z, label)
     assert torch.equal(a.x, b.x) and a.nfe == b.nfe <= config.nfe_cap
     table = pareto_table(
-        gaussian_v, z, label, gaussian_map(z), policy=loaded, euler_steps=(1,), heun_steps=(2,)
+        gaussian_v, z, label, gaussian_map(z), 2.0, policy=loaded, euler_steps=(1,), heun_steps=(2,)
     )
     assert table.iloc[-1].solver == "rl" and table.iloc[-1].nfe == a.nfe
 
 
 def test_policy_with_other_observations_is_refused() -> None:
     """A policy saved by older code (5 features, no log_rem) must fail loudly, not be fed a shifted vector."""
-    config = StepperConfig(nfe_cap=16)
+    config = replace(BASE, nfe_cap=16)
     old_names = ["t", "log_h", "log_err", "log_dv", "nfe_frac"]
     spec = PolicySpec(old_names, list(config.step_sizes()), [8], "ode", asdict(config))
     policy = StepPolicy(spec)

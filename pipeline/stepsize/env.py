@@ -34,19 +34,22 @@ LOG_MIN, LOG_MAX = -30.0, 10.0  # natural-log feature bounds (the Box the agent 
 
 @dataclass(frozen=True)
 class StepperConfig:
-    """Everything that fixes the env's dynamics and reward; stored in a policy's spec."""
+    """Everything that fixes the env's dynamics and reward; stored in a policy's spec.
 
-    n_actions: int = 6
-    h_min: float = 1 / 32  # smallest step, fraction of [eps, t_end]
-    h_max: float = 1.0  # largest step (1.0 = one Euler jump)
-    nfe_cap: int = 64  # hard budget of network calls per solve
-    lam: float = 0.01  # reward cost per network call
-    err_scale: float = 1e-2  # err at which the accuracy term is zero
+    The first seven come from the params' `stepper` section (their defaults live in the schema only).
+    """
+
+    n_actions: int
+    h_min: float  # smallest step, fraction of [eps, t_end]
+    h_max: float  # largest step (1.0 = one Euler jump)
+    nfe_cap: int  # hard budget of network calls per solve
+    lam: float  # reward cost per network call
+    err_scale: float  # err at which the accuracy term is zero
+    warp: float  # time grid the actions step on (flow.warp_time); 1 = uniform in t
     cap_penalty: float = 0.0  # extra cost when the cap forced the final jump
     ref_tol: float = 1e-7  # dopri5 rtol = atol of the reference
     eps: float = EPS
     t_end: float = 1.0
-    warp: float = 1.0  # time grid the actions step on (flow.warp_time); 1 = uniform in t
 
     def __post_init__(self) -> None:
         if not 0 < self.h_min <= self.h_max <= 1 or self.n_actions < 1:
@@ -199,7 +202,7 @@ class ODEStepEnv(gym.Env):
         self,
         v: VelocityFn,
         noise: Sequence[tuple[Tensor, Tensor]],
-        config: StepperConfig = StepperConfig(),
+        config: StepperConfig,
         reference: ReferenceCache | None = None,
     ) -> None:
         if not noise:

@@ -20,12 +20,12 @@ def pareto_table(
     z: Tensor,
     label: Tensor,
     x_ref: Tensor,
+    warp: float,
     policy: StepPolicy | None = None,
     euler_steps: Sequence[int] = (1, 2, 4, 8, 16, 32),
     heun_steps: Sequence[int] = (1, 2, 4, 8, 16, 32),
     tols: Sequence[float] = (1e-2, 1e-3, 1e-4, 1e-5),
     warped_heun_steps: Sequence[int] = (4, 8, 16, 32),
-    warp: float = 2.0,
     eps: float = EPS,
     t_end: float = 1.0,
 ) -> pd.DataFrame:
