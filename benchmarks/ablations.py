@@ -40,7 +40,7 @@ class Variant:
 
 
 def students_commands(students: list[int]) -> list[list[str]]:
-    return [["stages.msd", str(k)] for k in students] + [["stages.router"]]
+    return [["stages", "msd", str(k)] for k in students] + [["stages", "router"]]
 
 
 def half_width(net: dict[str, Any], shape: tuple[int, ...], classes: int) -> int | None:
@@ -60,7 +60,7 @@ def half_width(net: dict[str, Any], shape: tuple[int, ...], classes: int) -> int
 
 def variants(params: dict[str, Any], shape: tuple[int, ...], classes: int) -> list[Variant]:
     msd = params["msd"]
-    out = [Variant("term_off", {"distill.guidance_weight": 0.0}, "distill@fgd", False, [["stages.distill", "fgd"]])]
+    out = [Variant("term_off", {"distill.guidance_weight": 0.0}, "distill@fgd", False, [["stages", "distill", "fgd"]])]
     if classes >= 5:
         five = [0, 1, 2, 3, 4]
         out.append(Variant("msd_k5", {"msd.students": five}, "msd@ensemble", True, students_commands(five)))

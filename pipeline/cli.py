@@ -278,7 +278,7 @@ def compare(
     metric: Annotated[str | None, typer.Option(help="rank by this metric, lower is better")] = None,
 ) -> None:
     """Pipeline runs side by side (key metrics, params that differ); refuses to rank across featurizers."""
-    from pipeline.orchestration import records
+    from pipeline.tracking import records
 
     try:
         chosen = records.pipeline_runs(last, [r for r in (runs or "").split(",") if r] or None)
@@ -306,8 +306,8 @@ def register(
     run: Annotated[str | None, typer.Option(help="attach to this pipeline run (default: a new one)")] = None,
 ) -> None:
     """Register the workspace's one-step student and MSD router (MLflow pyfunc); move the `champion` alias."""
-    from pipeline import registry, tracking
-    from pipeline.orchestration import records
+    from pipeline import tracking
+    from pipeline.tracking import records, registry
 
     params = validate_or_exit()
     parent = run or tracking.start_pipeline_run(

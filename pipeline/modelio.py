@@ -20,9 +20,11 @@ from torch import nn
 
 from pipeline.atomic import atomic_torch_save, atomic_write_text
 from pipeline.nets import NetSpec, build_net
+from pipeline.runtime import is_main_process
 
 MODEL_FORMAT = 1
 WEIGHTS, META = "model.pt", "meta.json"
+RAW_WEIGHTS = "raw.pt"  # a 2-flow's raw (non-EMA) weights beside its EMA model.pt: distillation starts from them
 
 
 @dataclass
@@ -36,7 +38,11 @@ class LoadedModel:
 
 
 def save_model(directory: Path, net: nn.Module, meta: dict[str, Any]) -> None:
-    """`meta` needs at least stage, kind (flow|onestep|router|featurizer), data_shape, num_classes."""
+    """`meta` needs at least stage, kind (flow|onestep|router|featurizer), data_shape, num_classes.
+
+    Under DDP only rank 0 writes (the ranks' weights are the same)."""
+    if not is_main_process():
+        return
     directory.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(net.state_dict(), directory / WEIGHTS)
     full = {

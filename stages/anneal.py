@@ -4,19 +4,17 @@
 the same student, steps and pairs with beta = 0 (plain reflow).
 """
 
-import sys
 from pathlib import Path
 
 import torch
 
+from pipeline.app.stage import stage
 from pipeline.atomic import atomic_torch_save
-from pipeline.modelio import read_meta, save_model
+from pipeline.modelio import RAW_WEIGHTS, read_meta, save_model
 from pipeline.nets import build_net, count_macs, count_params
 from pipeline.pairs import PairStream
+from pipeline.runtime import is_main_process
 from pipeline.slimflow import AnnealingReflowLoss
-from stages.common import stage
-
-RAW = "raw.pt"  # the raw (non-EMA) weights: distillation starts from them (ALGORITHMS §4)
 
 
 def main(variant: str) -> None:
@@ -38,12 +36,9 @@ def main(variant: str) -> None:
             "stage": f"anneal@{variant}", "kind": "flow", "net": p.net.model_dump(), "data_shape": list(shape),
             "num_classes": classes, "default_sampler": "euler-4",
         })  # fmt: skip
-        atomic_torch_save(result.net.cpu().state_dict(), out / RAW)
+        if is_main_process():
+            atomic_torch_save(result.net.cpu().state_dict(), out / RAW_WEIGHTS)
         s.write_metrics({
             "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]),
             "params": count_params(net), "macs": count_macs(net, shape, classes),
         })  # fmt: skip
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

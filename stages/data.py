@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.app.stage import stage
 from pipeline.data import build_split, save_split
-from stages.common import stage
 
 
 def main() -> None:
@@ -23,7 +23,3 @@ def main() -> None:
         s.write_metrics(
             {"n_train": len(split.train), "n_test": len(split.test), "num_classes": split.train.num_classes}
         )
-
-
-if __name__ == "__main__":
-    main()

@@ -6,17 +6,15 @@ annealed student regenerated). `naive`: the baseline — the same net from rando
 term only, trained with the from-scratch recipe for as many steps as annealing + distillation together.
 """
 
-import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.modelio import load_model, save_model
+from pipeline.app.stage import stage
+from pipeline.modelio import RAW_WEIGHTS, load_model, save_model
 from pipeline.nets import build_net, count_macs, count_params
 from pipeline.pairs import PairStream
 from pipeline.slimflow import FlowGuidedDistillationLoss
-from stages.anneal import RAW
-from stages.common import stage
 
 ANNEALED = Path("models/anneal@slimflow")
 
@@ -30,7 +28,7 @@ def main(variant: str) -> None:
         torch.manual_seed(p.seed)
         net = build_net(a.net, shape, classes).to(s.device)
         if variant == "fgd":
-            net.load_state_dict(torch.load(ANNEALED / RAW, map_location=s.device, weights_only=True))
+            net.load_state_dict(torch.load(ANNEALED / RAW_WEIGHTS, map_location=s.device, weights_only=True))
             guide = load_model(ANNEALED, s.device).net if p.guide == "anneal" else teacher.net
             settings, weight = p, p.guidance_weight
         else:
@@ -51,7 +49,3 @@ def main(variant: str) -> None:
             "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]), "steps": settings.steps,
             "params": count_params(net), "macs": count_macs(net, shape, classes),
         })  # fmt: skip
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pipeline.app.stage import stage
 from pipeline.atomic import atomic_write_text
 from pipeline.data import load_split
 from pipeline.evaluation import (
@@ -20,7 +21,6 @@ from pipeline.flow import sample
 from pipeline.modelio import load_model, model_hash
 from pipeline.nets import count_macs, count_params
 from pipeline.plots import quality_vs_nfe, sample_grid
-from stages.common import stage
 
 REPORTS, MODELS = Path("reports"), Path("models")
 COLUMNS = ["model", "sampler", "nfe", "params", "macs_per_sample", "fd", "fd_std", "fd_heldout", "fd_heldout_std",
@@ -114,7 +114,3 @@ def main() -> None:
         s.tracker.log_artifact(REPORTS / "leaderboard.csv")
         s.tracker.log_artifact(REPORTS / "quality_nfe.png")
         s.tracker.log_metrics({f"{k}/fd": v["fd"] for k, v in metrics.items()})
-
-
-if __name__ == "__main__":
-    main()

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.app.stage import stage
 from pipeline.data import RandomBatches, load_split
 from pipeline.featurizer import Classifier, CrossEntropy, Identity, features, predict
 from pipeline.metrics import class_accuracy, feature_health
 from pipeline.modelio import save_model
-from stages.common import stage
 
 OUT = Path("models/featurizer")
 
@@ -34,7 +34,3 @@ def main() -> None:
             "heldout_acc": class_accuracy(predict(classifier, test_x), torch.from_numpy(split.test.labels)),
             "feature_rank": health.rank, "dead_units": health.dead_units,
         })  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

@@ -9,19 +9,17 @@ on pairs. Pair terms see every pair; fresh-noise terms only the student's classe
 """
 
 import copy
-import sys
 from pathlib import Path
 
 import torch
 
+from pipeline.app.stage import Stage, stage
 from pipeline.data import RandomBatches, class_means, load_split, of_classes
-from pipeline.modelio import load_model, save_model
+from pipeline.modelio import RAW_WEIGHTS, load_model, save_model
 from pipeline.msd import DMDLoss, TeacherScoreMatchingLoss, partition_classes
 from pipeline.nets import build_net, count_macs, count_params
 from pipeline.pairs import PairStream
 from pipeline.slimflow import FlowGuidedDistillationLoss
-from stages.anneal import RAW
-from stages.common import Stage, stage
 
 DATA, TEACHER, ANNEALED = Path("data"), Path("models/teacher"), Path("models/anneal@slimflow")
 
@@ -40,7 +38,8 @@ def objective(s: Stage, teacher: torch.nn.Module, classes: list[int]) -> FlowGui
     )  # fmt: skip
 
 
-def main(k: int) -> None:
+def main(student: str) -> None:
+    k = int(student)
     with stage(f"msd@{k}", ["msd", "distill", "anneal", "pairs"]) as s:
         p, a, pairs = s.params.msd, s.params.anneal, Path("pairs") / s.params.distill.pair_set  # as distill@fgd
         train, teacher = load_split(DATA).train, load_model(TEACHER, s.device).net
@@ -49,7 +48,7 @@ def main(k: int) -> None:
         torch.manual_seed(p.seed)
         net = build_net(spec, shape, num_classes).to(s.device)
         if spec == a.net:
-            net.load_state_dict(torch.load(ANNEALED / RAW, map_location=s.device, weights_only=True))
+            net.load_state_dict(torch.load(ANNEALED / RAW_WEIGHTS, map_location=s.device, weights_only=True))
         key, inputs, metrics = {"classes": groups[k], "msd": p.model_dump()}, [DATA, TEACHER, ANNEALED], {}
         if p.tsm_steps:
             tsm = p.model_copy(update={"steps": p.tsm_steps})
@@ -67,7 +66,3 @@ def main(k: int) -> None:
             **metrics, "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]), "classes": groups[k],
             "params": count_params(net), "macs": count_macs(net, shape, num_classes),
         })  # fmt: skip
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]))

@@ -7,12 +7,11 @@ from there) and moved into `pairs/<set>` only when every shard is complete.
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
+from pipeline.app.stage import stage
 from pipeline.modelio import load_model
 from pipeline.pairs import generate_pairs
-from stages.common import stage
 
 
 def rl_solver(policy_dir: str):  # noqa: ANN201 - a SolverFn
@@ -44,7 +43,3 @@ def main(name: str) -> None:
             "pairs_per_s": stats.pairs_per_s or 0.0, "bytes_per_pair": stats.bytes_per_pair,
             "solve_batch": p.solve_batch, "solver": pair_set.solver, "flow": pair_set.flow,
         })  # fmt: skip
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

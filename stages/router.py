@@ -6,9 +6,9 @@ Each label goes to the student that serves it, so the ensemble still costs one n
 
 from pathlib import Path
 
+from pipeline.app.stage import stage
 from pipeline.modelio import load_model
 from pipeline.msd import Router, check_partition, save_router
-from stages.common import stage
 
 STUDENTS, OUT = Path("models/msd"), Path("models/msd@ensemble")
 
@@ -26,7 +26,3 @@ def main() -> None:
             "stage": "msd@ensemble", "net": first["net"], "data_shape": first["data_shape"],
             "partition": first["partition"], "objective": first["objective"],
         })  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.app.stage import stage
 from pipeline.atomic import atomic_write_text
 from pipeline.modelio import load_model
 from pipeline.pairs import pair_noise
 from pipeline.stepsize import ODEStepEnv, ReferenceCache, StepperConfig, pareto_table, train_policy
-from stages.common import stage
 
 OUT, TABLE = Path("models/stepper"), Path("reports/stepper/pareto.csv")
 EVAL_SEED_OFFSET = 7_919  # held-out noises never overlap the training ones
@@ -44,7 +44,3 @@ def main() -> None:
         rl = next(value for key, value in rows.items() if key.startswith("rl-"))
         s.write_metrics({"rl": rl, "dopri5_1e-05": rows["dopri5-1e-05"], "dopri5_0.001": rows["dopri5-0.001"],
                          "table": rows})  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

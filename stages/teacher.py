@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.app.stage import stage
 from pipeline.data import RandomBatches, load_split
 from pipeline.flow import RectifiedFlowLoss
 from pipeline.modelio import save_model
 from pipeline.nets import build_net, count_macs, count_params
-from stages.common import stage
 
 OUT = Path("models/teacher")
 
@@ -29,7 +29,3 @@ def main() -> None:
             "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]),
             "params": count_params(net), "macs": count_macs(net, shape, classes),
         })  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

@@ -14,6 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+HOOKS = Path(__file__).resolve().parent / "hooks"
 # What a fresh clone holds (the tracked project), without outputs, caches or the venv.
 PROJECT_FILES = ["pyproject.toml", "dvc.yaml", "params.yaml", "Makefile", ".dvcignore", ".gitignore",
                  "configs", "pipeline", "stages", "inputs", "benchmarks"]  # fmt: skip
@@ -26,6 +27,8 @@ def _quiet_and_small() -> None:
     os.environ.update(
         DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true"
     )
+    # Every Python process the tests start loads tests/hooks/sitecustomize.py (SLIMSTEP_FAIL_ONCE faults).
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH")) if p)
 
 
 def run(

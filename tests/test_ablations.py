@@ -37,7 +37,7 @@ def test_tsm_variants_are_compute_matched() -> None:
     on, off = by_name["tsm_on"].edits, by_name["tsm_off"].edits
     assert on["msd.tsm_steps"] == 200 and off["msd.tsm_steps"] == 0 and off["msd.steps"] == 500 + 200
     assert on["msd.net"] == off["msd.net"] and on["msd.net"]["width"] < 64
-    assert by_name["tsm_on"].commands == [["stages.msd", "0"], ["stages.msd", "1"], ["stages.router"]]
+    assert by_name["tsm_on"].commands == [["stages", "msd", "0"], ["stages", "msd", "1"], ["stages", "router"]]
 
 
 @pytest.mark.slow

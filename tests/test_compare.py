@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pandas as pd
 import pytest
 
-from pipeline.orchestration import records
+from pipeline.tracking import records
 from tests.conftest import run
 
 FGD = records.RANK_METRIC

@@ -210,7 +210,7 @@ def test_stage_with_broken_params_exits_2_without_traceback(tmp_path: Path, raw:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SLIMSTEP_TRACKING": "off"}
     env.pop("SLIMSTEP_PARAMS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "stages.teacher"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "stages", "teacher"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     out = result.stdout + result.stderr
     assert result.returncode == 2, out

@@ -120,7 +120,7 @@ def test_smoke_stages_run_on_cuda(tmp_path: Path) -> None:
                 ["router"], ["eval"]]  # fmt: skip
     env = {**os.environ, "SLIMSTEP_TRACKING": "off"}
     for name, *args in commands:
-        done = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=tmp_path, capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "stages", name, *args], cwd=tmp_path, capture_output=True,
                               text=True, env=env)  # fmt: skip
         assert done.returncode == 0, f"stage {name} {args}:\n{done.stderr[-3000:]}"
 

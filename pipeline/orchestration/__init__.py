@@ -4,7 +4,6 @@
 - `devices`  device slots: a Prefect global concurrency limit per host + a host-wide device pool
 - `process`  one stage = `dvc --wait-for-lock repro --single-item <stage>` in its own process group
 - `flow`     the Prefect flow (`slimstep run`) and its served deployment (`slimstep serve`)
-- `records`  what a pipeline run's MLflow parent holds, and `slimstep compare` across parents
 
-Import the submodule you need: `flow` pulls in Prefect (~1 s), `records` pulls in MLflow (~1.5 s).
+Import the submodule you need: `flow` pulls in Prefect (~1 s). MLflow records live in pipeline.tracking.
 """

@@ -357,8 +357,7 @@ def _record(parent: str | None, root: Path, profile: str, register: bool) -> lis
     """Mirror the finished workspace (params, leaderboard metrics, featurizer hash) onto the parent run."""
     if not parent:
         return []
-    from pipeline import registry
-    from pipeline.orchestration import records
+    from pipeline.tracking import records, registry
 
     records.record_pipeline_run(parent, root)
     if not register:

@@ -149,7 +149,7 @@ def git_commit() -> str:
 
 
 def _spawn_helper() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.tracking_worker"], stdin=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.tracking.worker"], stdin=subprocess.PIPE, text=True)
 
 
 _prestarted: subprocess.Popen | None = None
@@ -165,7 +165,7 @@ def prestart_helper() -> None:
 
 
 class BackgroundTracker:
-    """A stage's tracker: the MLflow calls run in a helper process (`pipeline.tracking_worker`).
+    """A stage's tracker: the MLflow calls run in a helper process (`pipeline.tracking.worker`).
 
     Importing MLflow and its SQL store costs ~5 s per process; in the helper that overlaps the stage's own
     imports and work instead of adding to every stage. Calls are queued as JSON lines on the helper's

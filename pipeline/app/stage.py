@@ -1,4 +1,5 @@
-"""What every stage does around its own work: validate params, pick the device, open its MLflow run.
+"""The stage context: what every stage does around its own work — validate params, pick the device, join
+the DDP group, open its MLflow run, key its checkpoints, write its metrics.
 
 A bad params file stops the stage before any work with one readable message (no traceback) and exit
 code 2. DVC has already removed this stage's own outs; they stay in its cache (`dvc checkout`).
@@ -29,7 +30,6 @@ from pipeline.training import TrainResult, train
 PARAMS_FILE = Path(os.environ.get("SLIMSTEP_PARAMS", "params.yaml"))
 SCRATCH = Path("scratch")  # git-ignored, not declared in dvc.yaml: checkpoints live here
 METRICS = Path("metrics")
-FAULT_ENV = "SLIMSTEP_FAIL_ONCE"  # tests inject one failure of a named stage (retry/resume checks)
 
 
 @dataclass
@@ -60,16 +60,10 @@ class Stage:
         inputs: list[Path],
     ) -> TrainResult:
         """The training loop with this stage's checkpoint, tracker and progress label."""
-        marker = _fault_marker(self.name)
-        result = train(
+        return train(
             net, loss, batches, settings,
             checkpoint=self.checkpoint(section, inputs), tracker=self.tracker, desc=self.name,
-            stop_after=settings.steps // 2 if marker else None,
         )  # fmt: skip
-        if marker:
-            marker.write_text(f"stopped at step {settings.steps // 2}")
-            raise RuntimeError(f"injected failure of stage {self.name} ({FAULT_ENV})")
-        return result
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """The stage's DVC metrics file, mirrored to MLflow with `/`-sectioned names."""
@@ -98,15 +92,6 @@ def read_params() -> Params:
             file=sys.stderr,
         )
         raise SystemExit(2) from None
-
-
-def _fault_marker(name: str) -> Path | None:
-    """`SLIMSTEP_FAIL_ONCE=<stage>:<marker file>` makes that stage die halfway once (the marker records it)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec.startswith(f"{name}:"):
-        marker = Path(spec.split(":", 1)[1])
-        return None if marker.exists() else marker
-    return None
 
 
 @contextmanager

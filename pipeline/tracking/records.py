@@ -19,7 +19,7 @@ import yaml
 
 from pipeline import tracking
 from pipeline.modelio import model_hash
-from pipeline.registry import FEATURIZER_TAG
+from pipeline.tracking.registry import FEATURIZER_TAG
 
 RANK_METRIC = "distill-fgd/onestep/fd"  # the one-step SlimFlow student's FD
 KEY_SUFFIX = "/fd"
