@@ -18,6 +18,7 @@ import torch
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.flow import Batch
+from pipeline.runtime import rank_rows
 
 
 @dataclass
@@ -168,7 +169,10 @@ def load_split(data_dir: Path) -> Split:
 
 
 class RandomBatches(Iterator[Batch]):
-    """Endless uniform minibatches; batch k depends only on (seed, k), so resuming needs just the step."""
+    """Endless uniform minibatches; batch k depends only on (seed, k), so resuming needs just the step.
+
+    `batch_size` is the global batch: under DDP each rank yields its own share of it (runtime.rank_rows).
+    """
 
     def __init__(self, data: Dataset, batch_size: int, seed: int, device: torch.device | str = "cpu") -> None:
         self.x = torch.from_numpy(data.x)
@@ -180,6 +184,7 @@ class RandomBatches(Iterator[Batch]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         index = torch.randint(len(self.labels), (self.batch_size,), generator=generator)
         self.step += 1
+        index = index[rank_rows(len(index))]
         return Batch(x=self.x[index], label=self.labels[index]).to(self.device)
 
     def state_dict(self) -> dict[str, int]:

@@ -30,6 +30,10 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.x.to(device), self.label.to(device), None if self.z is None else self.z.to(device))
 
+    def rows(self, keep: slice) -> Batch:
+        """A slice of the batch: one DDP rank's share of a global batch (runtime.rank_rows)."""
+        return Batch(self.x[keep], self.label[keep], None if self.z is None else self.z[keep])
+
 
 def expand_time(t: Tensor, like: Tensor) -> Tensor:
     """(B,) -> (B,1,...,1) so it broadcasts against `like` (B,*shape)."""

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.flow import Batch, SampleResult, VelocityFn, parse_sampler, sample
+from pipeline.runtime import rank_rows
 
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
@@ -245,6 +246,7 @@ class PairStream:
     at most one buffer (plus one partial batch) is in memory. Batches are always full and run on across
     epochs. The position (epoch, pairs of it already yielded) is `state_dict()`; `start_batch` k starts
     where k earlier batches of this size ended, so a resumed run can also derive it from its step.
+    `batch_size` is the global batch: under DDP every rank walks the same order and yields its own share.
     """
 
     def __init__(
@@ -301,7 +303,7 @@ class PairStream:
         self.epoch, self.position = divmod(
             self.epoch * self.n_pairs + self.position + len(batch.label), self.n_pairs
         )
-        return batch.to(self.device)
+        return batch.rows(rank_rows(len(batch.label))).to(self.device)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

@@ -44,6 +44,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def rank_rows(n: int) -> slice:
+    """This rank's rows of a global batch of n (all of them without DDP): every rank draws the same global
+    batch from the same seed and keeps its own share, so W ranks train on what one process would."""
+    size, me = world_size(), rank()
+    return slice(me * n // size, (me + 1) * n // size)
+
+
 def init_distributed(device: torch.device) -> None:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_torch_save
 from pipeline.config import TrainSection
 from pipeline.flow import Batch
-from pipeline.runtime import is_main_process, world_size
+from pipeline.runtime import is_main_process, rank, world_size
 
 CHECKPOINT_FORMAT = 1
 
@@ -153,6 +153,8 @@ def train(
         model = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
+        # Each rank holds other rows of the global batch: its loss's own draws (t, fresh noise) must differ too.
+        torch.manual_seed(settings.seed * 1_000_003 + 7_919 * (start + 1) + rank())
     use_amp = settings.amp and device.type == "cuda"
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not (progress and sys.stderr.isatty()))
