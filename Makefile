@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup run flow test lint bench clean
+.PHONY: help setup run flow test test-fast lint bench clean
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -29,6 +29,9 @@ flow: setup  ## run the same DAG as a Prefect flow (parallel where the DAG allow
 
 test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
+
+test-fast: setup  ## unit and exact-maths tests only (no DVC / Prefect / MLflow end to end), under 2 minutes
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .

@@ -22,6 +22,8 @@ from pipeline.pairs import PairStream
 from pipeline.slimflow import FlowGuidedDistillationLoss
 
 DATA, TEACHER, ANNEALED = Path("data"), Path("models/teacher"), Path("models/anneal@slimflow")
+# The `distill` keys an `fgd` student uses (its guide); dvc.yaml lists exactly these for msd@*.
+GUIDE_KEYS = {"guide", "guide_steps", "s_min", "s_max", "distance", "huber_c", "lpips_weights", "guidance_weight"}
 
 
 def objective(s: Stage, teacher: torch.nn.Module, classes: list[int]) -> FlowGuidedDistillationLoss | DMDLoss:
@@ -56,7 +58,7 @@ def main(student: str) -> None:
             result = s.train(net, TeacherScoreMatchingLoss(teacher, groups[k]), batches, tsm, {"tsm": key}, inputs)
             metrics["tsm_final_loss"] = sum(result.losses[-100:]) / len(result.losses[-100:])
         batches = PairStream(pairs, p.batch_size, p.seed, s.device)
-        section = {"distill": s.params.distill.model_dump(), **key}
+        section = {"distill": s.params.distill.model_dump(include=GUIDE_KEYS), **key}
         result = s.train(net, objective(s, teacher, groups[k]), batches, p, section, [*inputs, pairs])
         save_model(Path(f"models/msd/{k}"), result.ema.cpu(), {
             "stage": f"msd@{k}", "kind": "onestep", "net": spec.model_dump(), "data_shape": list(shape),

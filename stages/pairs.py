@@ -12,11 +12,10 @@ from pathlib import Path
 from pipeline.app.stage import stage
 from pipeline.modelio import load_model
 from pipeline.pairs import generate_pairs
+from pipeline.stepsize import StepPolicy, rl_solve  # imported by every set, so each lists the same code deps
 
 
 def rl_solver(policy_dir: str):  # noqa: ANN201 - a SolverFn
-    from pipeline.stepsize import StepPolicy, rl_solve
-
     policy = StepPolicy.load(Path(policy_dir))
     return lambda v, z, label: rl_solve(policy, v, z, label)
 

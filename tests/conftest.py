@@ -62,6 +62,16 @@ def make_project(dest: Path, profile: str = "smoke") -> Path:
     return dest
 
 
+def stage_commands(repo: Path) -> list[list[str]]:
+    """Every stage's `python -m stages NAME [ARG]` arguments, in DAG order (as DVC resolves dvc.yaml)."""
+    from dvc.repo import Repo
+
+    from pipeline.orchestration.dag import read_graph
+
+    cmds = {stage.addressing: stage.cmd.split()[3:] for stage in Repo(str(repo)).index.stages}
+    return [cmds[name] for name in read_graph(repo).order()]
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """The one Prefect server of the test session (starting one costs ~10 s, more on a busy machine)."""

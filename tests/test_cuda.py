@@ -6,7 +6,6 @@ CI has no GPU, so these are skipped there; run them with `pytest -m gpu` on a ma
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +17,14 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.config import TrainSection, load_params
+from pipeline.config import TrainSection
 from pipeline.data import Dataset, RandomBatches
 from pipeline.flow import EPS, RectifiedFlowLoss, sample
 from pipeline.modelio import load_model
 from pipeline.nets import NetSpec, build_net
 from pipeline.profiles import render
 from pipeline.training import train
+from tests.conftest import make_project, stage_commands
 from tests.test_flow import gaussian_map, gaussian_velocity
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -108,16 +108,11 @@ def test_samplers_on_cuda_match_the_cpu_on_the_exact_gaussian_flow(sampler: str)
 
 @pytest.mark.slow
 def test_smoke_stages_run_on_cuda(tmp_path: Path) -> None:
-    """Every stage of the smoke chain with `device: cuda`, in DAG order (no DVC, tracking off)."""
-    for name in ["configs", "pipeline", "stages", "inputs"]:
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    """Every stage of the smoke chain with `device: cuda`, in DAG order (no `dvc repro`, tracking off)."""
+    tmp_path = make_project(tmp_path / "repo")
     params = render("smoke", ROOT / "configs") | {"device": "cuda"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    loaded = load_params(tmp_path / "params.yaml")
-    commands = [["data"], ["featurizer"], ["teacher"], ["stepper"],
-                *(["pairs", key] for key in loaded.pairs.sets), ["anneal", "slimflow"], ["anneal", "reflow"],
-                ["distill", "fgd"], ["distill", "naive"], *(["msd", str(k)] for k in loaded.msd.students),
-                ["router"], ["eval"]]  # fmt: skip
+    commands = stage_commands(tmp_path)
     env = {**os.environ, "SLIMSTEP_TRACKING": "off"}
     for name, *args in commands:
         done = subprocess.run([sys.executable, "-m", "stages", name, *args], cwd=tmp_path, capture_output=True,
