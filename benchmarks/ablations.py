@@ -1,7 +1,7 @@
 """The claims the default chain cannot measure: one stage re-run with changed params, in a copy of a finished run.
 
 The claims are about students, so every variant reuses the run's cached teacher, pairs and annealed
-student (ALGORITHMS §4–§5) and re-runs only the student stages:
+student (docs/methods.md §4–§5) and re-runs only the student stages:
 - `term_off`: `distill@fgd` with `distill.guidance_weight = 0` (pair term only, same init), every run;
 - `msd_k5`: five MSD students (`msd.students = [0..4]`) and their router, first run only;
 - `tsm_on` / `tsm_off`: two half-size MSD students (about half the single student's parameters, random

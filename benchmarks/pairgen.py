@@ -64,7 +64,7 @@ def solver_table(ctx: Context, report: Report, work: Path) -> None:
         report.notes.append("no RL row: needs --repo with a trained models/stepper policy")
     if not trained:
         report.notes.append(
-            f"untrained digits-sized teacher (no --repo): dopri5 rows run Euler with DESIGN's NFE {DOPRI5_NFE}"
+            f"untrained digits-sized teacher (no --repo): dopri5 rows run Euler at the measured NFE {DOPRI5_NFE}"
         )
 
     counter = itertools.count()

@@ -109,7 +109,7 @@ class PairSet(Section):
     solver: str = Field("dopri5-1e-04", description="a sampler name (euler-N[-wP] | heun-N[-wP] | dopri5-TOL) or rl")
     policy: str = Field(TEACHER_DIR, description="extra dependency: models/stepper for rl, else models/teacher")
     flow: str = Field(TEACHER_DIR, description="the model whose ODE is solved: the teacher, or a 2-flow student "
-                      "such as models/anneal@slimflow (pairs regenerated for distillation, ALGORITHMS §4)")  # fmt: skip
+                      "such as models/anneal@slimflow (regenerated pairs, docs/methods.md §4)")  # fmt: skip
 
     @field_validator("solver")
     @classmethod
@@ -150,7 +150,7 @@ class PairsSection(Section):
 
 
 class AnnealSection(TrainSection):
-    """Annealing Reflow (ALGORITHMS §3); `anneal@reflow` trains the same student with beta = 0."""
+    """Annealing Reflow (docs/methods.md §3); `anneal@reflow` trains the same student with beta = 0."""
 
     steps: Steps = 10_000
     lr: LearningRate = 2e-3
@@ -163,7 +163,7 @@ class AnnealSection(TrainSection):
 
 
 class DistillSection(TrainSection):
-    """Flow-Guided Distillation (ALGORITHMS §4); `distill@naive` = pair term only, random init, matched steps."""
+    """Flow-Guided Distillation (docs/methods.md §4); `distill@naive` = pair term only, random init, matched steps."""
 
     steps: Steps = 5000
     lr: LearningRate = 2e-3
@@ -182,7 +182,7 @@ class DistillSection(TrainSection):
 
 
 class MsdSection(TrainSection):
-    """Multi-Student Distillation (ALGORITHMS §5): one `msd@k` stage per entry of `students`."""
+    """Multi-Student Distillation (docs/methods.md §5): one `msd@k` stage per entry of `students`."""
 
     steps: Steps = 5000
     lr: LearningRate = 2e-3
@@ -207,7 +207,7 @@ class MsdSection(TrainSection):
 
 
 class StepperSection(Section):
-    """RL step-size controller on the teacher ODE (ALGORITHMS §6); see pipeline/stepsize."""
+    """RL step-size controller on the teacher ODE (docs/methods.md §6); see pipeline/stepsize."""
 
     seed: int = Field(0, ge=0)
     total_timesteps: int = Field(10_000, gt=0, description="DQN environment steps")

@@ -1,4 +1,4 @@
-"""Rectified-flow maths (ALGORITHMS §0-§1): interpolation, loss, ODE samplers, straightness, exact oracle.
+"""Rectified-flow maths (docs/methods.md §0-§1): interpolation, loss, ODE samplers, straightness, exact oracle.
 
 One time convention everywhere: noise z at t = 0, data x at t = 1, x_t = t x + (1 - t) z, target x - z.
 """

@@ -1,4 +1,4 @@
-"""Sample-quality, memorisation and speed metrics (ALGORITHMS §7).
+"""Sample-quality, memorisation and speed metrics (docs/methods.md §7).
 
 Pure functions on tensors or arrays: no file I/O, no training, no config. Everything is computed in
 float64 so that exact-answer tests (and comparisons between models a few per cent apart) are not limited by
@@ -117,7 +117,7 @@ def memorisation(samples: Array, train: Array, heldout: Array, *, chunk: int = C
     """Nearest-train-neighbour distance of samples vs that of held-out real images, in raw pixel space.
 
     samples: (Ns, *shape), train: (Nt, *shape), heldout: (Nh, *shape); images are flattened.
-    FD against the train set rewards copying it; a ratio well below 1 flags that (ALGORITHMS §7).
+    FD against the train set rewards copying it; a ratio well below 1 flags that (docs/methods.md §7).
     """
     ref = _rows(train)
     sample_nn = _nn_distance(_rows(samples).to(ref.device), ref, chunk).mean().item()

@@ -1,4 +1,4 @@
-"""Sharded reflow pair store (ALGORITHMS §2): generate with per-sample seeds, resume after a kill, stream.
+"""Sharded reflow pair store (docs/methods.md §2): generate with per-sample seeds, resume after a kill, stream.
 
 Layout of a store folder: `shard-00000.pt`, `shard-00001.pt`, ... each a dict of tensors
 `z` (n,*shape) float32 noise (exact), `x` (n,*shape) teacher sample (float16 when `fp16`), `label` (n,) int64,

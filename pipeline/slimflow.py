@@ -1,4 +1,4 @@
-"""SlimFlow (ALGORITHMS §3-§4): annealing reflow for a small 2-flow student, flow-guided distillation.
+"""SlimFlow (docs/methods.md §3-§4): annealing reflow for a small 2-flow student, flow-guided distillation.
 
 Both are loss objects `loss(net, batch, step)`; `batch.z`, `batch.x` are a stored (noise, teacher sample)
 pair.
@@ -191,7 +191,7 @@ def _guide_leg(guide: VelocityFn, x_s: Tensor, s: Tensor, label: Tensor, steps: 
 
 
 class FlowGuidedDistillationLoss:
-    """L = D(one_step(z_p), x_p) + w * D(one_step(z), x_2step) for a one-step student (ALGORITHMS §4).
+    """L = D(one_step(z_p), x_p) + w * D(one_step(z), x_2step) for a one-step student (docs/methods.md §4).
 
     Pair term on the stored pairs (every class). Guidance term on fresh noise z with labels uniform over
     `classes`: x_s = z + (s - eps) v_student(z, eps) with s ~ U(s_min, s_max) per sample, then the frozen

@@ -1,4 +1,4 @@
-"""Stage `distill@fgd` / `distill@naive`: one-step students (ALGORITHMS §4).
+"""Stage `distill@fgd` / `distill@naive`: one-step students (docs/methods.md §4).
 
 `fgd`: Flow-Guided Distillation from the annealed student's raw weights, guided by its EMA (or by the
 teacher taking `guide_steps` Euler steps), on the pair set `distill.pair_set` (the teacher's, or one the

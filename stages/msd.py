@@ -1,4 +1,4 @@
-"""Stage `msd@<k>`: student k of K, a one-step student serving its own group of classes (ALGORITHMS §5).
+"""Stage `msd@<k>`: student k of K, a one-step student serving its own group of classes (docs/methods.md §5).
 
 The groups come from `msd.partition` (`kmeans` clusters the training set's mean image per class). The
 student starts from the annealed student's raw weights when it has the same net (else random init);

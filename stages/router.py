@@ -1,4 +1,4 @@
-"""Stage `router`: the K MSD students behind one velocity model, `models/msd@ensemble` (ALGORITHMS §5).
+"""Stage `router`: the K MSD students behind one velocity model, `models/msd@ensemble` (docs/methods.md §5).
 
 Each label goes to the student that serves it, so the ensemble still costs one network call per sample;
 `slimstep sample msd@ensemble` and `eval` load it like any other one-step model.

@@ -1,4 +1,4 @@
-"""Stage `teacher`: class-conditional 1-rectified flow on the training set (ALGORITHMS §1)."""
+"""Stage `teacher`: class-conditional 1-rectified flow on the training set (docs/methods.md §1)."""
 
 from pathlib import Path
 

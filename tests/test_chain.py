@@ -143,7 +143,7 @@ def test_sample_command_writes_grid_and_arrays(smoke_copy: Path) -> None:
 
 
 def test_regenerated_pairs_come_from_the_annealed_student(smoke_copy: Path) -> None:
-    """A pair set solved by the annealed 2-flow (ALGORITHMS §4) feeds distill@fgd and MSD; naive keeps the teacher's."""
+    """A pair set solved by the annealed 2-flow (docs/methods.md §4) feeds distill@fgd and MSD, naive the teacher's."""
     import torch
 
     from pipeline.flow import sample

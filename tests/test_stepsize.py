@@ -37,7 +37,7 @@ def sigma(t: Tensor | float) -> Tensor | float:
 
 
 def gaussian_v(x: Tensor, t: Tensor, label: Tensor) -> Tensor:
-    """Exact 1-RF velocity of N(MU, S^2 I) data (ALGORITHMS §1): d/dt of x_t = t MU + sigma_t z."""
+    """Exact 1-RF velocity of N(MU, S^2 I) data (docs/methods.md §1): d/dt of x_t = t MU + sigma_t z."""
     t = flow.expand_time(t, x)
     return MU + (t * S**2 - (1 - t)) / sigma(t) ** 2 * (x - t * MU)
 

@@ -1,4 +1,4 @@
-"""Multi-Student Distillation (ALGORITHMS §5): class partitions, the router, TSM and DMD losses.
+"""Multi-Student Distillation (docs/methods.md §5): class partitions, the router, TSM and DMD losses.
 
 K small one-step students each serve a disjoint group of classes; the Router sends every sample to its
 owner, so the ensemble is still one network call per sample. Per-student objectives: Teacher Score

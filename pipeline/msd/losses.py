@@ -1,4 +1,4 @@
-"""Per-student MSD objectives (ALGORITHMS §5): Teacher Score Matching and Distribution Matching.
+"""Per-student MSD objectives (docs/methods.md §5): Teacher Score Matching and Distribution Matching.
 
 Both are loss objects `loss(net, batch, step)`. Pair terms use every class; fresh-noise terms only the
 student's own classes.
@@ -62,7 +62,7 @@ class TeacherScoreMatchingLoss:
 
 
 class DMDLoss:
-    """Distribution matching for a one-step generator G(z, c) = one_step(generator, z, c) (ALGORITHMS §5).
+    """Distribution matching for a one-step generator G(z, c) = one_step(generator, z, c) (docs/methods.md §5).
 
     Each call: labels uniform over `classes`, x = G(z, c) for fresh z; `fake_updates` Adam steps of the
     fake net (own optimiser) with the rectified-flow loss on detached x; then the generator loss

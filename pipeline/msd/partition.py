@@ -1,4 +1,4 @@
-"""Equal-size class partitions for Multi-Student Distillation (ALGORITHMS §5).
+"""Equal-size class partitions for Multi-Student Distillation (docs/methods.md §5).
 
 Each student serves one group; the paper's default is consecutive ids (semantically coherent), k-means on
 class means an option, random the worse control.

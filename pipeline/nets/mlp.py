@@ -50,7 +50,7 @@ class ResidualBlock(nn.Module):
 class ResMLP(nn.Module):
     """Residual MLP: flat x -> Linear -> `depth` conditioned residual blocks -> LayerNorm -> Linear -> flat v.
 
-    The DESIGN's measurements found this the best one-step student per parameter.
+    The early measurements in docs/design.md found this the best one-step student per parameter.
     """
 
     def __init__(self, spec: NetSpec, data_shape: tuple[int, ...], num_classes: int) -> None:

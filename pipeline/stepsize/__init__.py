@@ -1,4 +1,4 @@
-"""RL adaptive time-stepping (ALGORITHMS §6): ODE env on the teacher's flow, DQN policy.
+"""RL adaptive time-stepping (docs/methods.md §6): ODE env on the teacher's flow, DQN policy.
 
 The three-body testbed (`pipeline.stepsize.threebody`, needs REBOUND) is imported on its own: the chain never uses it.
 """

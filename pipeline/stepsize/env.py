@@ -1,4 +1,4 @@
-"""The teacher's probability-flow ODE as an RL environment: the agent picks each Heun step (ALGORITHMS §6).
+"""The teacher's probability-flow ODE as an RL environment: the agent picks each Heun step (docs/methods.md §6).
 
 Stepping rule (shared by the env and `controlled_solve`, so a policy sees the same features when deployed):
 - the state at a decision is (x, t) with v(x, t) already evaluated: once at reset, then eagerly after a step;
