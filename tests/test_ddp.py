@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,18 +37,28 @@ def test_rank_rows_split_a_global_batch_into_disjoint_covering_shares(
     assert rows == list(range(n))
 
 
-def test_random_batches_shares_concatenate_to_the_single_process_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(0)
-    ds = Dataset(rng.standard_normal((50, 3)).astype(np.float32), rng.integers(0, 4, 50), 4)
-    single = [next(iter_) for iter_ in [RandomBatches(ds, 8, seed=3)] for _ in range(3)]
+def assert_shares_make_the_global_batches(monkeypatch: pytest.MonkeyPatch, make: Any, steps: int) -> None:
+    """Rank 0's and rank 1's batches (of 2 ranks), concatenated, are the single process's, field by field."""
+    as_rank(monkeypatch, 0, 1)
+    single = make()
+    expected = [next(single) for _ in range(steps)]
     shares = []
     for me in (0, 1):
         as_rank(monkeypatch, me, 2)
-        source = RandomBatches(ds, 8, seed=3)
-        shares.append([next(source) for _ in range(3)])
-    for k in range(3):
-        assert len(shares[0][k].label) == len(shares[1][k].label) == 4
-        assert torch.equal(torch.cat([shares[0][k].x, shares[1][k].x]), single[k].x)
+        source = make()
+        shares.append([next(source) for _ in range(steps)])
+    for k, whole in enumerate(expected):
+        assert len(shares[0][k].label) + len(shares[1][k].label) == len(whole.label) and len(shares[0][k].label) > 0
+        for field in ("x", "label", "z"):
+            if getattr(whole, field) is not None:
+                joined = torch.cat([getattr(shares[0][k], field), getattr(shares[1][k], field)])
+                assert torch.equal(joined, getattr(whole, field)), (k, field)
+
+
+def test_random_batches_shares_concatenate_to_the_single_process_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    ds = Dataset(rng.standard_normal((50, 3)).astype(np.float32), rng.integers(0, 4, 50), 4)
+    assert_shares_make_the_global_batches(monkeypatch, lambda: RandomBatches(ds, 8, seed=3), steps=3)
 
 
 def test_pair_stream_shares_concatenate_to_the_single_process_batch(
@@ -57,16 +68,8 @@ def test_pair_stream_shares_concatenate_to_the_single_process_batch(
         return -x
 
     generate_pairs(v, tmp_path, 40, 20, 10, "euler-2", 0, (3,), 2)
-    single = PairStream(tmp_path, 6, seed=1)
-    expected = [next(single) for _ in range(8)]  # crosses an epoch boundary (40 pairs)
-    shares = []
-    for me in (0, 1):
-        as_rank(monkeypatch, me, 2)
-        stream = PairStream(tmp_path, 6, seed=1)
-        shares.append([next(stream) for _ in range(8)])
-    for k in range(8):
-        assert torch.equal(torch.cat([shares[0][k].z, shares[1][k].z]), expected[k].z)
-        assert torch.equal(torch.cat([shares[0][k].label, shares[1][k].label]), expected[k].label)
+    # 8 batches of 6 cross the epoch boundary at 40 pairs.
+    assert_shares_make_the_global_batches(monkeypatch, lambda: PairStream(tmp_path, 6, seed=1), steps=8)
 
 
 def teacher_losses(repo: Path) -> list[float]:

@@ -57,20 +57,16 @@ def covers(entry: str, item: str, sep: str) -> bool:
 
 def problems(stage: Declared, modules: list[str], reads: list[str]) -> list[str]:
     """Every disagreement between what the stage declares and what it did, with the line to change."""
-    found = []
-    for module in modules:
-        if not any(covers(dep, module, "/") for dep in stage.code):
-            found.append(f"imports {module} but no dep covers it: add `{module}` to its deps")
-    for dep in stage.code:
-        if not any(covers(dep, module, "/") for module in modules):
-            found.append(f"lists dep {dep} but never imports anything under it: remove it")
-    for key in reads:
-        if not any(covers(entry, key, ".") for entry in stage.params):
-            found.append(f"reads params key {key} but does not list it: add `{key}` to its params")
-    for entry in stage.params:
-        if not any(covers(entry, key, ".") for key in reads):
-            found.append(f"lists params key {entry} but never reads it: remove it")
+    found = [*mismatches(stage.code, modules, "/", "imports {} but no dep covers it: add `{}` to its deps",
+                         "lists dep {} but never imports anything under it: remove it"),
+             *mismatches(stage.params, reads, ".", "reads params key {} but does not list it: add `{}` to its params",
+                         "lists params key {} but never reads it: remove it")]  # fmt: skip
     return [f"{stage.name}: {line}" for line in found]
+
+
+def mismatches(listed: list[str], used: list[str], sep: str, missing: str, unused: str) -> list[str]:
+    return [*(missing.format(item, item) for item in used if not any(covers(e, item, sep) for e in listed)),
+            *(unused.format(entry) for entry in listed if not any(covers(entry, i, sep) for i in used))]  # fmt: skip
 
 
 def trace(repo: Path, stage: Declared, out: Path) -> dict[str, list[str]]:
