@@ -178,6 +178,53 @@ def cached_onnx(folder: Path | str, cache: Path, leaderboard: Path | None = None
     return path
 
 
+def gemm_as_matmul(model: Any) -> Any:
+    """Rewrite Gemm(A, B, C) nodes (alpha = beta = 1, A not transposed, B a weight) as MatMul + Add.
+
+    torch.onnx writes nn.Linear as Gemm, which onnxruntime's dynamic quantisation leaves in fp32; as MatMul
+    it becomes an int8 MatMulInteger. The graph computes the same function.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        b = numpy_helper.to_array(weights[node.input[1]])
+        name = f"{node.input[1]}_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(b.T.copy() if attrs.get("transB", 0) else b, name))
+        product = f"{node.output[0]}_product" if len(node.input) > 2 else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_matmul"))
+        if len(node.input) > 2:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{node.name}_add"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    return model
+
+
+def quantize_int8(onnx_file: Path | str, out: Path | str) -> Path:
+    """Dynamic int8 quantisation (weights int8, activations quantised per call) of an exported file."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "matmul.onnx"
+        onnx.save(gemm_as_matmul(onnx.load(str(onnx_file))), str(plain))
+        quantize_dynamic(plain, Path(tmp) / "int8.onnx", weight_type=QuantType.QInt8)
+        atomic_write_bytes(out, (Path(tmp) / "int8.onnx").read_bytes())
+    return Path(out)
+
+
 class OnnxSampler:
     """An exported .onnx file run by onnxruntime: numpy noise, labels -> numpy samples in [-1, 1]."""
 

@@ -218,3 +218,26 @@ def test_equal_quality_ties_count_as_reaching_the_student() -> None:
                                         ("distill@fgd", "onestep", 10.0, 5000.0)]))  # fmt: skip
     row = result[result["model"] == "distill@fgd"].iloc[0]
     assert row["equal_quality_sampler"] == "euler-4" and row["speedup_equal_quality"] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("kind", ["resmlp", "unet"])
+def test_gemm_rewrite_is_exact_and_int8_quantises_every_weight_layer(tmp_path: Path, kind: str) -> None:
+    import onnx
+
+    from pipeline.export import gemm_as_matmul, quantize_int8
+
+    folder = one_step_folder(tmp_path, kind)
+    fp32 = tmp_path / "m.onnx"
+    export_model(folder, "onnx", fp32)
+    rewritten = gemm_as_matmul(onnx.load(str(fp32)))
+    assert not [n for n in rewritten.graph.node if n.op_type == "Gemm"]
+    onnx.save(rewritten, str(tmp_path / "mm.onnx"))
+    int8 = quantize_int8(fp32, tmp_path / "m.int8.onnx")
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert "MatMulInteger" in ops and "Gemm" not in ops and ("ConvInteger" in ops) == (kind == "unet")
+    noise = np.random.default_rng(2).standard_normal((9, *SHAPE)).astype(np.float32)
+    label = np.arange(9, dtype=np.int64) % CLASSES
+    reference = OnnxSampler(fp32)(noise, label)
+    assert np.abs(OnnxSampler(tmp_path / "mm.onnx")(noise, label) - reference).max() <= PARITY_ATOL
+    quantised = OnnxSampler(int8)(noise, label)  # int8 rounding: close, not equal, and still in range
+    assert 0 < np.abs(quantised - reference).max() < 0.5 and quantised.min() >= -1 and quantised.max() <= 1
