@@ -46,7 +46,7 @@ class RoutedVelocity(nn.Module):
     """The MSD router's velocity without data-dependent branches: each student runs on the (possibly empty)
     set of samples whose class it owns, and the results are scattered back into input order."""
 
-    def __init__(self, router: nn.Module) -> None:
+    def __init__(self, router: Any) -> None:
         super().__init__()
         self.students = router.students
         self.register_buffer("owner", router.owner.clone())
@@ -65,7 +65,9 @@ class OneStepGraph(nn.Module):
 
     def __init__(self, velocity: nn.Module, eps: float = EPS) -> None:
         super().__init__()
-        self.velocity = RoutedVelocity(velocity) if hasattr(velocity, "owner") else velocity
+        from pipeline.msd.router import Router
+
+        self.velocity = RoutedVelocity(velocity) if isinstance(velocity, Router) else velocity
         self.eps = eps
 
     def forward(self, noise: Tensor, label: Tensor) -> Tensor:
@@ -131,6 +133,37 @@ def _safetensors_bytes(net: nn.Module) -> bytes:
     return save({k: v.detach().contiguous().clone() for k, v in net.state_dict().items()})
 
 
+def export_net(net: nn.Module, meta: dict[str, Any], fmt: str, out: Path | str) -> dict[str, Any]:
+    """Write any velocity net v(x, t, label) as a one-step sampler file; return what its meta.json says about it.
+
+    `meta` needs data_shape and num_classes (a model folder's meta.json has them).
+    """
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: allowed {', '.join(FORMATS)}")
+    graph = OneStepGraph(net).eval()
+    example = _example_inputs(meta)
+    exporter = None
+    with torch.no_grad():
+        if fmt == "onnx":
+            data, exporter = _onnx_bytes(graph, example)
+        elif fmt == "torchscript":
+            data = _torchscript_bytes(graph, example)
+        else:
+            data = _safetensors_bytes(net)
+    atomic_write_bytes(out, data)
+    shape = list(meta["data_shape"])
+    return {
+        "format": fmt, "exporter": exporter, "file": out.name, "data_shape": shape,
+        "num_classes": meta["num_classes"], "value_range": list(VALUE_RANGE), "eps": EPS,
+        "inputs": {"noise": {"dtype": "float32", "shape": ["N", *shape], "distribution": "N(0, 1)"},
+                   "label": {"dtype": "int64", "shape": ["N"], "range": [0, meta["num_classes"] - 1]}},
+        "output": {"sample": {"dtype": "float32", "shape": ["N", *shape], "range": list(VALUE_RANGE),
+                              "clamped_in_graph": fmt != "safetensors"}},
+        "torch": torch.__version__.split("+")[0], **({"opset": OPSET} if fmt == "onnx" else {}),
+    }  # fmt: skip
+
+
 def export_model(folder: Path | str, fmt: str, out: Path | str, leaderboard: Path | None = None) -> dict[str, Any]:
     """Export a one-step model folder (student or MSD router) to `out`; write `<out stem>.meta.json`; return it."""
     folder, out = Path(folder), Path(out)
@@ -140,31 +173,12 @@ def export_model(folder: Path | str, fmt: str, out: Path | str, leaderboard: Pat
     meta = loaded.meta
     if meta["kind"] not in ("onestep", "router"):
         raise ValueError(f"{folder}: a {meta['kind']!r} model is not a one-step generator; export needs one")
-    graph = OneStepGraph(loaded.net).eval()
-    example = _example_inputs(meta)
-    exporter = None
-    with torch.no_grad():
-        if fmt == "onnx":
-            data, exporter = _onnx_bytes(graph, example)
-        elif fmt == "torchscript":
-            data = _torchscript_bytes(graph, example)
-        else:
-            data = _safetensors_bytes(loaded.net)
-    atomic_write_bytes(out, data)
+    fd = leaderboard_fd(leaderboard, meta["stage"])
     info = {
-        "stage": meta["stage"], "kind": meta["kind"], "format": fmt, "exporter": exporter,
-        "file": out.name, "data_shape": list(meta["data_shape"]), "num_classes": meta["num_classes"],
-        "value_range": list(VALUE_RANGE), "eps": EPS,
-        "inputs": {"noise": {"dtype": "float32", "shape": ["N", *meta["data_shape"]], "distribution": "N(0, 1)"},
-                   "label": {"dtype": "int64", "shape": ["N"], "range": [0, meta["num_classes"] - 1]}},
-        "output": {"sample": {"dtype": "float32", "shape": ["N", *meta["data_shape"]], "range": list(VALUE_RANGE),
-                              "clamped_in_graph": fmt != "safetensors"}},
-        "model_hash": model_hash(folder), "fd": leaderboard_fd(leaderboard, meta["stage"]),
-        "net": meta.get("net"), "groups": meta.get("groups"), "torch": torch.__version__.split("+")[0],
+        **export_net(loaded.net, meta, fmt, out), "stage": meta["stage"], "kind": meta["kind"],
+        "model_hash": model_hash(folder), "fd": None if math.isnan(fd) else fd, "net": meta.get("net"),
+        "groups": meta.get("groups"),
     }  # fmt: skip
-    if fmt == "onnx":
-        info["opset"] = OPSET
-    info["fd"] = None if math.isnan(info["fd"]) else info["fd"]
     atomic_write_text(meta_path(out), json.dumps(info, indent=2, sort_keys=True))
     return info
 

@@ -74,6 +74,36 @@ def test_onnx_matches_eager_pytorch_at_every_batch_size(tmp_path: Path, kind: st
     assert info["model_hash"] == model_hash(folder) and info["fd"] is None  # no leaderboard given
 
 
+class DiffusersVelocity(torch.nn.Module):
+    """A random-weight diffusers UNet2DModel behind the velocity interface (as an imported net kind would be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(0)
+        blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        self.unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), **blocks,
+                                layers_per_block=1, norm_num_groups=4, num_class_embeds=CLASSES)  # fmt: skip
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t * 1000, class_labels=label).sample
+
+
+def test_any_velocity_module_exports_a_diffusers_unet(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    from pipeline.export import OneStepGraph, export_net
+
+    net = DiffusersVelocity().eval()
+    info = export_net(net, {"data_shape": list(SHAPE), "num_classes": CLASSES}, "onnx", tmp_path / "d.onnx")
+    noise = np.random.default_rng(3).standard_normal((6, *SHAPE)).astype(np.float32)
+    label = np.arange(6, dtype=np.int64) % CLASSES
+    with torch.no_grad():
+        want = OneStepGraph(net)(torch.from_numpy(noise), torch.from_numpy(label)).numpy()
+    assert np.abs(OnnxSampler(tmp_path / "d.onnx")(noise, label) - want).max() <= PARITY_ATOL
+    assert info["exporter"] in ("torchscript", "dynamo")
+
+
 def test_torchscript_and_safetensors_exports(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
