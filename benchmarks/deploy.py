@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import ROOT, Report, interleave, median, paired_ratio
+from benchmarks.common import Report, interleave, median, paired_ratio
 from benchmarks.context import Context
 
 BATCHES = (1, 16, 256)
@@ -27,11 +27,11 @@ STAGE = "distill@fgd"
 
 def _digits_sized_student(workdir: Path) -> Path:
     """An untrained student of the digits profile's size, saved as a model folder."""
-    from pipeline.config import load_params
+    from pipeline.config import Params
     from pipeline.modelio import save_model
     from pipeline.nets import build_net
 
-    spec = load_params(ROOT / "configs" / "digits.yaml").anneal.net
+    spec = Params().anneal.net  # the schema defaults are the digits profile
     torch.manual_seed(0)
     folder = workdir / "digits-size-student"
     meta = {"stage": STAGE, "kind": "onestep", "net": spec.model_dump(), "data_shape": [1, 8, 8], "num_classes": 10}

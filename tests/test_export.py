@@ -169,7 +169,7 @@ def test_registered_onnx_predicts_in_a_python_without_slimstep_or_torch(
 ) -> None:
     import mlflow
 
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     root = tmp_path / "ws"
     folder = one_step_folder(root, "mlp").rename(root / "models/distill@fgd")
