@@ -24,7 +24,8 @@ from pathlib import Path
 from benchmarks.common import RESULTS, Report, fmt, markdown_table, result_payload, text_table, write_result
 from benchmarks.context import Context
 
-NAMES = ("sampling", "pairs", "training", "overhead", "threebody", "quality")  # quality reads threebody.json
+NAMES = ("sampling", "pairs", "training", "overhead", "threebody", "quality", "deploy")  # quality reads threebody.json
+TABLE_FILES = ("deploy",)  # benchmarks whose table also goes to results/<name>.md (the README quotes it)
 QUICK_DEFAULT = ("sampling", "pairs", "training", "overhead", "quality")  # threebody adds ~1 min: full mode
 
 
@@ -40,6 +41,8 @@ def _benchmark(name: str) -> Callable[[Context], Report]:
         from benchmarks.overhead import run
     elif name == "quality":
         from benchmarks.quality import run
+    elif name == "deploy":
+        from benchmarks.deploy import run
     else:
         from benchmarks.threebody_entry import run
     return run
@@ -82,15 +85,21 @@ def summary_markdown(payloads: dict[str, dict], mode: str, total_s: float) -> st
                 for k, v in p["summary"].items()]  # fmt: skip
     lines.append(markdown_table(headline) if headline else "(none)")
     for name, p in payloads.items():
-        lines += ["", f"## {name}", "", f"{p['wall_s']:.0f} s, {p['created']}."]
-        for title, rows in p["tables"].items():
-            if rows:
-                lines += ["", f"**{title}**", "", markdown_table(rows)]
-        for note in p["notes"]:
-            lines += ["", f"- {note}"]
-        if (RESULTS / "quality_nfe.png").exists() and name == "quality":
-            lines += ["", "![FD against NFE, marker area ∝ parameters](quality_nfe.png)"]
+        lines += benchmark_markdown(name, p, "##")
     return "\n".join(lines) + "\n"
+
+
+def benchmark_markdown(name: str, payload: dict, level: str = "#") -> list[str]:
+    """One benchmark's tables and notes (a summary.md section, or benchmarks/results/<name>.md alone)."""
+    lines = ["", f"{level} {name}", "", f"{payload['wall_s']:.0f} s, {payload['created']}."]
+    for title, rows in payload["tables"].items():
+        if rows:
+            lines += ["", f"**{title}**", "", markdown_table(rows)]
+    for note in payload["notes"]:
+        lines += ["", f"- {note}"]
+    if (RESULTS / "quality_nfe.png").exists() and name == "quality":
+        lines += ["", "![FD against NFE, marker area ∝ parameters](quality_nfe.png)"]
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                                "ran_alongside_smoke_chain": alongside}  # fmt: skip
             payloads[name] = result_payload(name, ctx.mode, ctx.seed, wall, report)
             write_result(RESULTS / f"{name}.json", payloads[name])
+            if name in TABLE_FILES:
+                from pipeline.atomic import atomic_write_text
+
+                table = "\n".join(benchmark_markdown(name, payloads[name])).lstrip()
+                atomic_write_text(RESULTS / f"{name}.md", table + "\n")
             print_report(name, report, wall)
     finally:
         ctx.stop()

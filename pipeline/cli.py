@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 console = Console()
 PARAMS, LEADERBOARD = Path("params.yaml"), Path("reports/leaderboard.csv")
+EXPORT_CACHE = Path("scratch/exports")  # `sample --backend onnx` exports here, keyed by the model's hash
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -139,6 +140,9 @@ def sample(
     out: Annotated[Path, typer.Option(help="grid.png or samples.npz")] = Path("samples.png"),
     sampler: Annotated[str | None, typer.Option(help="override the model's own sampler")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    backend: Annotated[
+        str, typer.Option(help="torch, or onnx: one-step models through onnxruntime (exported to scratch/exports)")
+    ] = "torch",
 ) -> None:
     """Sample any trained model with its own sampler settings; write a labelled grid (.png) or arrays (.npz)."""
     import numpy as np
@@ -166,13 +170,42 @@ def sample(
         parse_sampler(name)
     except ValueError as exc:
         _fail(str(exc))
-    result = run_sampler(loaded.net, z, label, name)
+    if backend not in ("torch", "onnx"):
+        _fail(f"--backend {backend!r}: allowed torch, onnx")
+    if backend == "onnx":
+        if name != "onestep":
+            _fail(f"--backend onnx runs one-step models only ({folder} samples with {name})")
+        from pipeline.export import OnnxSampler, cached_onnx
+
+        onnx_file = cached_onnx(folder, EXPORT_CACHE, LEADERBOARD)
+        x, nfe, via = torch.from_numpy(OnnxSampler(onnx_file)(z.numpy(), label.numpy())), 1, f" via {onnx_file}"
+    else:
+        result = run_sampler(loaded.net, z, label, name)
+        x, nfe, via = result.x, result.nfe, ""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
-        np.savez(out, images=result.x.numpy(), labels=label.numpy())
+        np.savez(out, images=x.numpy(), labels=label.numpy())
     else:
-        sample_grid(result.x, label, classes, out, f"{meta['stage']} ({name}, NFE {result.nfe})")
-    console.print(f"{n} samples from {folder} with {name} (NFE {result.nfe}) → {out}")
+        sample_grid(x, label, classes, out, f"{meta['stage']} ({name}, NFE {nfe})")
+    console.print(f"{n} samples from {folder} with {name} (NFE {nfe}){via} → {out}")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="a one-step stage (distill@fgd, msd@ensemble, …) or a model folder")],
+    out: Annotated[Path, typer.Option(help="the file to write (a <name>.meta.json goes beside it)")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | safetensors")] = "onnx",
+) -> None:
+    """Export a one-step model as noise (N,*shape) float32 + label (N,) int64 -> sample in [-1, 1]."""
+    from pipeline.export import export_model, meta_path
+
+    folder = Path(model) if Path(model).is_dir() else Path("models") / model
+    try:
+        info = export_model(folder, fmt, out, LEADERBOARD)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    fd = "no FD in the leaderboard" if info["fd"] is None else f"FD {info['fd']:.4g}"
+    console.print(f"{info['stage']} → {out} ({fmt}, model {info['model_hash']}, {fd}); meta: {meta_path(out)}")
 
 
 @app.command("import-data")

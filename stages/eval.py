@@ -25,10 +25,10 @@ from pipeline.plots import quality_vs_nfe, sample_grid
 REPORTS, MODELS = Path("reports"), Path("models")
 COLUMNS = ["model", "sampler", "nfe", "params", "macs_per_sample", "fd", "fd_std", "fd_heldout", "fd_heldout_std",
            "precision", "recall", "class_acc", "memorisation", "out_of_range", "straightness", "samples_per_s",
-           "latency_ms", "params_ratio", "speedup"]  # fmt: skip
+           "latency_ms", "params_ratio", "speedup", "equal_quality_sampler", "speedup_equal_quality"]  # fmt: skip
 
 
-METRIC_KEYS = ("fd", "fd_std", "fd_heldout", "nfe", "params", "straightness", "speedup")
+METRIC_KEYS = ("fd", "fd_std", "fd_heldout", "nfe", "params", "straightness", "speedup", "speedup_equal_quality")
 
 
 def relative_to_teacher(board: pd.DataFrame) -> pd.DataFrame:
@@ -40,6 +40,26 @@ def relative_to_teacher(board: pd.DataFrame) -> pd.DataFrame:
     reference = (dopri if not dopri.empty else teacher).iloc[-1]
     board["params_ratio"] = board["params"] / reference["params"]
     board["speedup"] = board["samples_per_s"] / reference["samples_per_s"]
+    return equal_quality(board, teacher)
+
+
+def equal_quality(board: pd.DataFrame, teacher: pd.DataFrame) -> pd.DataFrame:
+    """Each one-step row against the fastest teacher sampler (measured samples/s) whose FD is at most its own.
+
+    `equal_quality_sampler` names that sampler, or says why there is none (then the speed-up is NaN): the
+    figure a user deciding between the student and a cheap teacher solver needs, beside the dopri5 ratio.
+    """
+    board["equal_quality_sampler"] = ""
+    board["speedup_equal_quality"] = float("nan")
+    for i, row in board[board["sampler"] == "onestep"].iterrows():
+        rivals = teacher[teacher["fd"] <= row["fd"]]
+        if rivals.empty:
+            reason = f"none: no teacher sampler reaches fd {row['fd']:.4g} (best {teacher['fd'].min():.4g})"
+            board.at[i, "equal_quality_sampler"] = reason
+            continue
+        rival = rivals.loc[rivals["samples_per_s"].idxmax()]
+        board.at[i, "equal_quality_sampler"] = rival["sampler"]
+        board.at[i, "speedup_equal_quality"] = row["samples_per_s"] / rival["samples_per_s"]
     return board
 
 

@@ -21,7 +21,7 @@ from benchmarks.common import (
 from benchmarks.memprobe import probe
 from benchmarks.pairgen import is_flat
 from benchmarks.quality import CLAIMS, Claim, RunData, claim_row, one_point_per_model
-from benchmarks.run import parse_args, summary_markdown
+from benchmarks.run import benchmark_markdown, parse_args, summary_markdown
 
 # Timing and ratios.
 
@@ -104,6 +104,9 @@ def test_tables_and_summary_render() -> None:
     assert "## Targets" in md and "| demo | ratio | >= 1 | 2 | yes |" in md
     args = parse_args(["--quick", "--only", "sampling", "--only", "pairs"])
     assert args.quick and args.only == ["sampling", "pairs"] and args.threads == 1
+    assert parse_args(["--only", "deploy"]).only == ["deploy"]
+    alone = benchmark_markdown("demo", _payload(good=1.0))  # benchmarks/results/<name>.md: the same section
+    assert alone[1] == "# demo" and "| name | value |" in "\n".join(alone) and "## demo" in md
 
 
 # The RAM probe.

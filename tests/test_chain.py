@@ -14,7 +14,7 @@ from tests.conftest import run
 
 pytestmark = pytest.mark.slow
 COLUMNS = {"model", "sampler", "nfe", "params", "fd", "fd_std", "fd_heldout", "precision", "recall", "class_acc",
-           "samples_per_s"}  # fmt: skip
+           "samples_per_s", "speedup", "equal_quality_sampler", "speedup_equal_quality"}  # fmt: skip
 
 
 def ran_stages(output: str) -> set[str]:

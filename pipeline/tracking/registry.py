@@ -2,9 +2,14 @@
 
 A registered version wraps a model folder (`model.pt` + `meta.json`, loaded by `pipeline.modelio`) in a
 `OneStepSampler`: input a DataFrame with `label` (and optionally `seed`, one per sample) → output images
-(n, *data_shape) in [-1, 1], one network call per sample. Loading needs this package importable:
+(n, *data_shape) clamped to [-1, 1], one network call per sample. Loading the pyfunc needs this package:
 
     mlflow.pyfunc.load_model("models:/slimstep-smoke-onestep@champion").predict(pd.DataFrame({"label": [3, 7]}))
+
+Each version also carries the model's ONNX export (pipeline/export.py) as the artifact `onnx/model.onnx`
+beside `onnx/model.meta.json`: it needs only onnxruntime and numpy, no slimstep:
+
+    path = mlflow.artifacts.download_artifacts("models:/slimstep-smoke-onestep@champion") + "/artifacts/onnx"
 
 Names carry the profile (`slimstep-<profile>-onestep`, `slimstep-<profile>-msd`). Each version is tagged
 with its FD and the featurizer that measured it; `champion` points at the best FD among the versions
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +29,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline.export import VALUE_RANGE
 from pipeline.modelio import model_hash
 
 FEATURIZER_TAG = "slimstep.featurizer"
 HASH_TAG = "slimstep.model_hash"
 CHAMPION = "champion"
+ONNX_FILE = "model.onnx"  # in the version's `onnx` artifact folder, beside model.meta.json
 REGISTERED = {"distill@fgd": "onestep", "msd@ensemble": "msd"}  # stage → registered-name suffix
 
 
@@ -57,7 +65,7 @@ class OneStepSampler(mlflow.pyfunc.PythonModel):
         shape = tuple(meta["data_shape"])
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         with torch.no_grad():
-            return sample(self.model.net, z, labels, "onestep").x.numpy()
+            return sample(self.model.net, z, labels, "onestep").x.clamp(*VALUE_RANGE).numpy()
 
 
 def _signature(shape: list[int]) -> Any:
@@ -131,14 +139,19 @@ def _log_version(
 ) -> Any:
     import torch
 
+    from pipeline.export import export_model
+
     meta = json.loads((folder / "meta.json").read_text())
     tags = {FEATURIZER_TAG: featurizer, HASH_TAG: digest, "fd": str(fd), "slimstep.profile": profile,
             "slimstep.stage": stage, "slimstep.pipeline_run": run_id}  # fmt: skip
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory(prefix="slimstep-") as tmp, mlflow.start_run(run_id=run_id):
+        onnx_dir = Path(tmp) / "onnx"  # pyfunc keeps the folder's name: artifacts/onnx/model.onnx
+        export_model(folder, "onnx", onnx_dir / ONNX_FILE, folder.parent.parent / "reports/leaderboard.csv")
         info = mlflow.pyfunc.log_model(
-            name=REGISTERED[stage], python_model=OneStepSampler(), artifacts={"model": str(folder)},
+            name=REGISTERED[stage], python_model=OneStepSampler(),
+            artifacts={"model": str(folder), "onnx": str(onnx_dir)},
             signature=_signature(meta["data_shape"]), registered_model_name=name,
-            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "slimstep"],
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "slimstep", "onnxruntime"],
         )  # fmt: skip
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
