@@ -24,7 +24,6 @@ import yaml
 from torch import Tensor, nn
 
 from pipeline import tracking
-from pipeline.tracking import worker as tracking_worker
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import ParamsError, TrainSection, validate_params
 from pipeline.data import Dataset, RandomBatches, Split, load_npz_split, load_split, save_split
@@ -36,6 +35,7 @@ from pipeline.orchestration.devices import DevicePool
 from pipeline.orchestration.flowlock import FLOW_ENV, FlowRunning, identity, one_flow
 from pipeline.pairs import PairStream, generate_pairs, load_metadata
 from pipeline.runtime import resolve_device
+from pipeline.tracking import worker as tracking_worker
 from pipeline.training import train
 from tests.conftest import ROOT, make_project, run
 
