@@ -110,6 +110,16 @@ def print_leaderboard(path: Path = LEADERBOARD) -> None:
     console.print(f"Sample grids: {Path('reports/grids').resolve()}  ·  plot: reports/quality_nfe.png")
 
 
+def check_tracking() -> None:
+    """SLIMSTEP_TRACKING=required and no usable store: stop before any stage (else a dead store only warns)."""
+    from pipeline import tracking
+
+    try:
+        tracking.enabled()
+    except tracking.TrackingUnavailable as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def repro(
     targets: Annotated[
@@ -123,10 +133,18 @@ def repro(
     if profile_name:
         profile(profile_name, force=False)
     params = validate_or_exit()
-    parent = tracking.start_pipeline_run(f"repro-{params.profile}", {"slimstep.profile": params.profile})
-    env = {**os.environ, **({tracking.PARENT_ENV: parent} if parent else {})}
-    code = subprocess.run(["dvc", "repro", *(targets or [])], env=env).returncode
-    tracking.end_pipeline_run(parent, code == 0)
+    check_tracking()
+    from pipeline.orchestration.flowlock import FlowRunning, one_flow
+
+    try:
+        with one_flow(Path.cwd(), "slimstep repro") as flow_env:
+            parent = tracking.start_pipeline_run(f"repro-{params.profile}", {"slimstep.profile": params.profile})
+            env = {**os.environ, **({tracking.PARENT_ENV: parent} if parent else {}), **flow_env}
+            env.update(tracking.child_env())
+            code = subprocess.run(["dvc", "repro", *(targets or [])], env=env).returncode
+            tracking.end_pipeline_run(parent, code == 0)
+    except FlowRunning as exc:
+        _fail(str(exc), code=1)
     if code:
         raise typer.Exit(code)
     print_leaderboard()
@@ -225,6 +243,14 @@ def import_data(
             shutil.copytree(source, target, dirs_exist_ok=True)
         dataset = "cifar10"
     elif source.suffix == ".npz":
+        from pipeline.data import read_npz_arrays
+        from pipeline.datacheck import check_data
+        from pipeline.errors import DataError
+
+        try:
+            check_data(*read_npz_arrays(source), str(source))
+        except DataError as exc:
+            _fail(f"{exc}; nothing was imported")
         if not same:
             shutil.copyfile(source, target)
         dataset = "npz"
@@ -270,6 +296,7 @@ def run_flow(
     if profile_name:
         profile(profile_name, force=False)
     validate_or_exit()
+    check_tracking()
     from pipeline.orchestration.flow import PipelineError, slimstep_flow
 
     try:

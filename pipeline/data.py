@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,10 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.datacheck import check_data
+from pipeline.errors import DataError
 from pipeline.flow import Batch
+from pipeline.integrity import read_verified, rebuild_hint, sha256_bytes
 from pipeline.runtime import rank_rows
 
 
@@ -47,7 +51,7 @@ def _split(x: np.ndarray, labels: np.ndarray, num_classes: int, heldout: int, se
     from sklearn.model_selection import train_test_split
 
     if heldout >= len(labels):
-        raise ValueError(f"data.heldout = {heldout} must be smaller than the data set ({len(labels)} samples)")
+        raise DataError(f"data.heldout = {heldout} must be smaller than the data set ({len(labels)} samples)")
     tr_x, te_x, tr_y, te_y = train_test_split(x, labels, test_size=heldout, random_state=seed, stratify=labels)
     return Split(Dataset(tr_x, tr_y, num_classes), Dataset(te_x, te_y, num_classes), name)
 
@@ -128,11 +132,9 @@ def load_npz_split(path: Path, heldout: int, seed: int) -> Split:
     """A user's own `.npz` with `images` (N,C,H,W) or (N,D) in [0,255] or [-1,1], and integer `labels`."""
     if not path.is_file():
         raise FileNotFoundError(f"data.path = {path}: no such file (import one with `slimstep import-data FILE`)")
-    with np.load(path, allow_pickle=False) as arrays:
-        missing = {"images", "labels"} - set(arrays.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {arrays.files})")
-        images, labels = arrays["images"].astype(np.float32), arrays["labels"].astype(np.int64)
+    images, labels = read_npz_arrays(path)
+    check_data(images, labels, str(path), heldout)
+    images, labels = images.astype(np.float32), labels.astype(np.int64)
     if images.max() > 1.0:
         images = images / 127.5 - 1.0
     if images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6:
@@ -140,12 +142,28 @@ def load_npz_split(path: Path, heldout: int, seed: int) -> Split:
     return _split(images, labels, int(labels.max()) + 1, heldout, seed, path.stem)
 
 
+def read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`images` and `labels` of a user's .npz, unconverted; any unreadable file is one DataError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"images", "labels"} - set(arrays.files)
+            if missing:
+                raise DataError(f"{path}: missing arrays {sorted(missing)} (has {arrays.files})")
+            return arrays["images"], arrays["labels"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # object arrays (pickles), truncated, no zip
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npz of plain arrays ({exc})") from None
+
+
 def save_split(split: Split, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    hashes = {}
     for part, ds in (("train", split.train), ("test", split.test)):
         buffer = io.BytesIO()
         np.savez(buffer, x=ds.x, labels=ds.labels)
         atomic_write_bytes(out_dir / f"{part}.npz", buffer.getvalue())
+        hashes[f"{part}.npz"] = sha256_bytes(buffer.getvalue())
     meta = {
         "dataset": split.name,
         "shape": list(split.train.shape),
@@ -154,16 +172,27 @@ def save_split(split: Split, out_dir: Path) -> None:
         "n_test": len(split.test),
         "class_counts_train": np.bincount(split.train.labels, minlength=split.train.num_classes).tolist(),
         "time_convention": "noise t=0, data t=1, data in [-1, 1]",
+        "sha256": hashes,
     }
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
 
 
 def load_split(data_dir: Path) -> Split:
-    meta = json.loads((data_dir / "meta.json").read_text())
+    """The `data` stage's arrays, each file checked against the sha256 in meta.json."""
+    hint = rebuild_hint("data", data_dir)
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{data_dir / 'meta.json'}: unreadable ({exc}); {hint}") from None
 
     def read(part: str) -> Dataset:
-        with np.load(data_dir / f"{part}.npz", allow_pickle=False) as arrays:
-            return Dataset(arrays["x"], arrays["labels"], meta["num_classes"])
+        path = data_dir / f"{part}.npz"
+        data = read_verified(path, meta.get("sha256", {}).get(f"{part}.npz"), hint)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                return Dataset(arrays["x"], arrays["labels"], meta["num_classes"])
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path}: not a readable split file ({exc}); {hint}") from None
 
     return Split(read("train"), read("test"), meta["dataset"])
 

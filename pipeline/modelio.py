@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.atomic import atomic_torch_save, atomic_write_text
+from pipeline.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.errors import IntegrityError
+from pipeline.integrity import check_finite_weights, load_tensors, rebuild_hint, sha256_bytes, torch_bytes
 from pipeline.nets import NetSpec, build_net
 from pipeline.runtime import is_main_process
 
@@ -37,18 +39,31 @@ class LoadedModel:
         return self.meta["stage"]
 
 
-def save_model(directory: Path, net: nn.Module, meta: dict[str, Any]) -> None:
+def save_model(
+    directory: Path, net: nn.Module, meta: dict[str, Any], extra: dict[str, dict[str, torch.Tensor]] | None = None
+) -> None:
     """`meta` needs at least stage, kind (flow|onestep|router|featurizer), data_shape, num_classes.
 
-    Under DDP only rank 0 writes (the ranks' weights are the same)."""
+    `extra`: more state dicts saved beside the weights (e.g. `raw.pt`). Each file's sha256 goes into
+    meta.json, and non-finite weights are refused before anything is written. Under DDP only rank 0
+    writes (the ranks' weights are the same).
+    """
     if not is_main_process():
         return
+    files = {WEIGHTS: net.state_dict(), **(extra or {})}
+    for name, state in files.items():
+        check_finite_weights(state, f"{directory / name} ({meta.get('stage', 'model')})")
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(net.state_dict(), directory / WEIGHTS)
+    hashes = {}
+    for name, state in files.items():
+        data = torch_bytes(state)
+        atomic_write_bytes(directory / name, data)
+        hashes[name] = sha256_bytes(data)
     full = {
         "format_version": MODEL_FORMAT,
         "time_convention": "noise t=0, data t=1, x_t = t x + (1-t) z",
         **meta,
+        "sha256": hashes,
     }
     atomic_write_text(directory / META, json.dumps(full, indent=2, sort_keys=True))
 
@@ -57,7 +72,21 @@ def read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META
     if not path.exists():
         raise FileNotFoundError(f"{directory}: not a model folder (no {META}); run the stage that makes it")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{path}: not valid JSON ({exc}); {rebuild_hint(directory.name, directory)}") from None
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise IntegrityError(f"{path}: not model metadata (no 'kind'); {rebuild_hint(directory.name, directory)}")
+    return meta
+
+
+def load_weights(directory: Path | str, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """A state dict of a model folder, checked against the sha256 in its meta.json (models without one load as is)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    hint = rebuild_hint(meta.get("stage", directory.name), directory)
+    return load_tensors(directory / name, meta.get("sha256", {}).get(name), hint)
 
 
 def _build_velocity_net(meta: dict[str, Any]) -> nn.Module:
@@ -87,8 +116,18 @@ def load_model(directory: Path | str, device: torch.device | str = "cpu") -> Loa
     if meta["kind"] not in BUILDERS:
         raise ValueError(f"{directory}: unknown model kind {meta['kind']!r} (known: {sorted(BUILDERS)})")
     net = BUILDERS[meta["kind"]](meta)
-    net.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
+    fit_weights(net, load_weights(directory), directory / WEIGHTS)
     return LoadedModel(net=net.to(device).eval().requires_grad_(False), meta=meta)
+
+
+def fit_weights(net: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """`load_state_dict`, with a mismatch told in one line naming the file (not torch's key-by-key listing)."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise IntegrityError(f"{source}: weights do not fit the net its meta.json describes ({first[:160]}); "
+                             f"{rebuild_hint(source.parent.name, source.parent)}") from None  # fmt: skip
 
 
 def model_hash(folder: Path | str) -> str:

@@ -3,13 +3,12 @@
 Layout of a store folder: `shard-00000.pt`, `shard-00001.pt`, ... each a dict of tensors
 `z` (n,*shape) float32 noise (exact), `x` (n,*shape) teacher sample (float16 when `fp16`), `label` (n,) int64,
 `nfe` (n / solve_batch,) int64 network calls per solve batch; and `metadata.json` (request, seed formula,
-per-shard sizes and NFE, `complete`). Every file is written atomically and holds no time or run id, so
+per-shard sizes, sha256 and NFE, `complete`). Every file is written atomically and holds no time or run id, so
 the same request gives byte-identical files, whether or not the run was interrupted.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import sys
@@ -24,7 +23,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.errors import IntegrityError
 from pipeline.flow import Batch, SampleResult, VelocityFn, parse_sampler, sample
+from pipeline.integrity import load_tensors, sha256_bytes, sha256_file, torch_bytes
 from pipeline.runtime import rank_rows
 
 FORMAT_VERSION = 1
@@ -75,12 +76,23 @@ def load_metadata(root: Path | str) -> dict[str, Any]:
     path = Path(root) / METADATA
     if not path.is_file():
         raise FileNotFoundError(f"no pair store at {root}: {path} is missing")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{path}: not valid JSON ({exc}); {rebuild_pairs(root)}") from None
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{path}: not pair-store metadata; {rebuild_pairs(root)}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
         )
     return meta
+
+
+def rebuild_pairs(root: Path | str) -> str:
+    """What a user runs for a damaged store: `pairs/<set>` is stage `pairs@<set>`'s output."""
+    name = Path(root).name
+    return f"restore it with `dvc checkout pairs/{name}` or rebuild it with `dvc repro pairs@{name}`"
 
 
 # Generation.
@@ -91,22 +103,26 @@ def _shard_sizes(n_pairs: int, shard_size: int) -> list[int]:
 
 
 def _reusable_shards(root: Path, meta: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
-    """Longest prefix of recorded shards that are on disk with the size this request plans for them."""
+    """Longest prefix of recorded shards that are on disk with the size and sha256 this request expects.
+
+    A damaged shard (or one of a store written before hashes were recorded) is regenerated from there on.
+    """
     kept = []
     for entry, n in zip(meta["shards"], sizes, strict=False):
         path = root / entry["file"]
-        if entry["n"] != n or not path.is_file() or path.stat().st_size != entry["bytes"]:
+        if entry["n"] != n or not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            if path.is_file() and entry["n"] == n:
+                print(f"warning: {path} does not match its recorded sha256; regenerating from it on", file=sys.stderr)
             break
         kept.append(entry)
     return kept
 
 
-def _save_shard(path: Path, shard: dict[str, Tensor]) -> int:
-    """torch.save via memory (the zip records then do not depend on a temp file name), atomic; bytes."""
-    buffer = io.BytesIO()
-    torch.save(shard, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    return buffer.getbuffer().nbytes
+def _save_shard(path: Path, shard: dict[str, Tensor]) -> tuple[int, str]:
+    """torch.save via memory (the zip records then do not depend on a temp file name), atomic; bytes, sha256."""
+    data = torch_bytes(shard)
+    atomic_write_bytes(path, data)
+    return len(data), sha256_bytes(data)
 
 
 def _write_metadata(root: Path, meta: dict[str, Any]) -> None:
@@ -199,8 +215,10 @@ def generate_pairs(
             nfes.append(result.nfe)
             bar.update(len(xs[-1]))
         shard = {"z": z, "x": torch.cat(xs), "label": label, "nfe": torch.tensor(nfes, dtype=torch.long)}
-        nbytes = _save_shard(root / shard_name(index), shard)
-        meta["shards"].append({"file": shard_name(index), "n": sizes[index], "nfe": nfes, "bytes": nbytes})
+        nbytes, digest = _save_shard(root / shard_name(index), shard)
+        meta["shards"].append(
+            {"file": shard_name(index), "n": sizes[index], "nfe": nfes, "bytes": nbytes, "sha256": digest}
+        )
         _write_metadata(root, meta)
     elapsed = time.perf_counter() - started
     bar.close()
@@ -266,6 +284,7 @@ class PairStream:
         self.root, self.batch_size, self.seed, self.device = Path(root), batch_size, seed, device
         self.buffer_shards = shuffle_buffer_shards
         self.files = [entry["file"] for entry in meta["shards"]]
+        self.hashes = [entry.get("sha256") for entry in meta["shards"]]
         self.sizes = [entry["n"] for entry in meta["shards"]]
         self.n_pairs: int = meta["n_pairs"]
         self.epoch, self.position = divmod(start_batch * batch_size, self.n_pairs)
@@ -281,11 +300,15 @@ class PairStream:
             n = sum(self.sizes[s] for s in group)
             perm = torch.randperm(n, generator=g)  # drawn even for skipped buffers: the RNG stays in step
             if offset + n > start:
-                shards = [torch.load(self.root / self.files[s], weights_only=True) for s in group]
+                shards = [self._load(s) for s in group]
                 x, label, z = (torch.cat([shard[k] for shard in shards]) for k in ("x", "label", "z"))
                 keep = perm[max(0, start - offset) :]
                 yield x[keep].float(), label[keep], z[keep]
             offset += n
+
+    def _load(self, index: int) -> dict[str, Tensor]:
+        """One shard, checked against the sha256 its metadata recorded (a damaged file is one clear line)."""
+        return load_tensors(self.root / self.files[index], self.hashes[index], rebuild_pairs(self.root))
 
     def epoch_iter(self, epoch: int) -> Iterator[Batch]:
         """One pass over epoch `epoch` (every pair exactly once, last batch short), on the stream's device."""

@@ -7,13 +7,15 @@ import os
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import DeviceError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` → the GPU this process was given (CUDA_VISIBLE_DEVICES, LOCAL_RANK) or the CPU."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device = cuda was asked for, but torch sees no CUDA device")
+        raise DeviceError("params.yaml device = cuda, but torch sees no CUDA device here; set device: auto or cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_torch_save
+from pipeline.checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT  # re-exported: older imports
+from pipeline.checkpoint import load_checkpoint, save_checkpoint, set_aside
 from pipeline.config import TrainSection
+from pipeline.errors import NonFiniteError, first_line
 from pipeline.flow import Batch
 from pipeline.runtime import is_main_process, rank, world_size
-
-CHECKPOINT_FORMAT = 1
 
 
 class Loss(Protocol):
@@ -99,13 +99,24 @@ def _state_of(obj: Any) -> Any:
     return obj.state_dict() if hasattr(obj, "state_dict") else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format_version") != CHECKPOINT_FORMAT:
-        return None  # an older layout: start over rather than guess
-    return state
+def _restore(state: dict[str, Any], net: nn.Module, ema: EMA, optimizer: Any, batches: Any, loss: Any) -> int:
+    net.load_state_dict(state["net"])
+    ema.net.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    if state["batches"] is not None:
+        batches.load_state_dict(state["batches"])
+    if state["loss"] is not None:
+        loss.load_state_dict(state["loss"])
+    return int(state["step"])
+
+
+def non_finite_loss(desc: str, value: float, step: int, settings: TrainSection) -> NonFiniteError:
+    return NonFiniteError(
+        f"the loss is {value} at step {step} of {settings.steps} ({desc}); nothing was saved. Likely causes: "
+        f"non-finite values in the data or pairs, a too high learning rate (lr = {settings.lr}), "
+        "an infinite or huge loss weight in params.yaml"
+    )
 
 
 def train(
@@ -130,23 +141,29 @@ def train(
     ema = EMA(net, settings.ema_decay)
     # Fused kernels: the optimiser step was 4-5x faster on CPU (benchmarks/results/training.json).
     params = list(net.parameters())
-    optimizer = torch.optim.AdamW(
-        params, lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda")
-    )
+
+    def new_optimizer() -> torch.optim.AdamW:
+        return torch.optim.AdamW(
+            params, lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda")
+        )
+
+    optimizer = new_optimizer()
     start, losses = 0, []
 
-    # Resume.
+    # Resume; a checkpoint that does not fit this run is set aside and the run starts afresh.
     state = load_checkpoint(checkpoint) if checkpoint else None
-    if state is not None:
-        net.load_state_dict(state["net"])
-        ema.net.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        if state["batches"] is not None:
-            batches.load_state_dict(state["batches"])  # type: ignore[attr-defined]
-        if state["loss"] is not None:
-            loss.load_state_dict(state["loss"])  # type: ignore[attr-defined]
-        start, losses = int(state["step"]), state["losses"].tolist()
+    if state is not None and checkpoint is not None:
+        fresh = copy.deepcopy((net.state_dict(), _state_of(batches), _state_of(loss)))
+        try:
+            start, losses = _restore(state, net, ema, optimizer, batches, loss), state["losses"].tolist()
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            set_aside(checkpoint, f"does not fit this run ({first_line(exc)})")
+            net.load_state_dict(fresh[0])
+            for obj, initial in ((batches, fresh[1]), (loss, fresh[2])):
+                if initial is not None:
+                    obj.load_state_dict(initial)
+            torch.manual_seed(settings.seed)
+            ema, optimizer = EMA(net, settings.ema_decay), new_optimizer()
 
     model = net
     if world_size() > 1:
@@ -162,7 +179,7 @@ def train(
     def save() -> None:
         if checkpoint is None or not is_main_process():
             return
-        atomic_torch_save(
+        save_checkpoint(
             {
                 "format_version": CHECKPOINT_FORMAT,
                 "step": step + 1,
@@ -185,13 +202,17 @@ def train(
         batch = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             value = loss(model, batch, step)
+        current = value.item()
+        if not math.isfinite(current):
+            bar.close()
+            raise non_finite_loss(desc, current, step + 1, settings)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         if settings.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=True)
         optimizer.step()
         ema.update(step)
-        losses.append(value.item())
+        losses.append(current)
         bar.update(1)
 
         # Record.

@@ -9,11 +9,9 @@ from pathlib import Path
 import torch
 
 from pipeline.app.stage import stage
-from pipeline.atomic import atomic_torch_save
 from pipeline.modelio import RAW_WEIGHTS, read_meta, save_model
 from pipeline.nets import build_net, count_macs, count_params
 from pipeline.pairs import PairStream
-from pipeline.runtime import is_main_process
 from pipeline.slimflow import AnnealingReflowLoss
 
 
@@ -35,9 +33,7 @@ def main(variant: str) -> None:
         save_model(out, result.ema.cpu(), {
             "stage": f"anneal@{variant}", "kind": "flow", "net": p.net.model_dump(), "data_shape": list(shape),
             "num_classes": classes, "default_sampler": "euler-4",
-        })  # fmt: skip
-        if is_main_process():
-            atomic_torch_save(result.net.cpu().state_dict(), out / RAW_WEIGHTS)
+        }, extra={RAW_WEIGHTS: result.net.cpu().state_dict()})  # fmt: skip
         s.write_metrics({
             "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]),
             "params": count_params(net), "macs": count_macs(net, shape, classes),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.app.stage import stage
-from pipeline.modelio import RAW_WEIGHTS, load_model, save_model
+from pipeline.modelio import RAW_WEIGHTS, fit_weights, load_model, load_weights, save_model
 from pipeline.nets import build_net, count_macs, count_params
 from pipeline.pairs import PairStream
 from pipeline.slimflow import FlowGuidedDistillationLoss
@@ -28,7 +28,7 @@ def main(variant: str) -> None:
         torch.manual_seed(p.seed)
         net = build_net(a.net, shape, classes).to(s.device)
         if variant == "fgd":
-            net.load_state_dict(torch.load(ANNEALED / RAW_WEIGHTS, map_location=s.device, weights_only=True))
+            fit_weights(net, load_weights(ANNEALED, RAW_WEIGHTS), ANNEALED / RAW_WEIGHTS)
             guide = load_model(ANNEALED, s.device).net if p.guide == "anneal" else teacher.net
             settings, weight = p, p.guidance_weight
         else:

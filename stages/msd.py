@@ -15,7 +15,8 @@ import torch
 
 from pipeline.app.stage import Stage, stage
 from pipeline.data import RandomBatches, class_means, load_split, of_classes
-from pipeline.modelio import RAW_WEIGHTS, load_model, save_model
+from pipeline.errors import UserError
+from pipeline.modelio import RAW_WEIGHTS, fit_weights, load_model, load_weights, save_model
 from pipeline.msd import DMDLoss, TeacherScoreMatchingLoss, partition_classes
 from pipeline.nets import build_net, count_macs, count_params
 from pipeline.pairs import PairStream
@@ -46,11 +47,14 @@ def main(student: str) -> None:
         p, a, pairs = s.params.msd, s.params.anneal, Path("pairs") / s.params.distill.pair_set  # as distill@fgd
         train, teacher = load_split(DATA).train, load_model(TEACHER, s.device).net
         shape, num_classes, spec = train.shape, train.num_classes, p.net or a.net
+        if len(p.students) > num_classes:
+            raise UserError(f"msd.students has {len(p.students)} students for the {num_classes} classes of "
+                            f"{DATA}/meta.json; each student needs a class: list at most {num_classes}")  # fmt: skip
         groups = partition_classes(num_classes, len(p.students), p.partition, class_means(train), p.partition_seed)
         torch.manual_seed(p.seed)
         net = build_net(spec, shape, num_classes).to(s.device)
         if spec == a.net:
-            net.load_state_dict(torch.load(ANNEALED / RAW_WEIGHTS, map_location=s.device, weights_only=True))
+            fit_weights(net, load_weights(ANNEALED, RAW_WEIGHTS), ANNEALED / RAW_WEIGHTS)
         key, inputs, metrics = {"classes": groups[k], "msd": p.model_dump()}, [DATA, TEACHER, ANNEALED], {}
         if p.tsm_steps:
             tsm = p.model_copy(update={"steps": p.tsm_steps})

@@ -7,11 +7,13 @@ from there) and moved into `pairs/<set>` only when every shard is complete.
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from pipeline.app.stage import stage
+from pipeline.errors import IntegrityError
 from pipeline.modelio import load_model
-from pipeline.pairs import generate_pairs
+from pipeline.pairs import PairStats, PairStoreMismatch, generate_pairs
 from pipeline.stepsize import StepPolicy, rl_solve  # imported by every set, so each lists the same code deps
 
 
@@ -28,11 +30,22 @@ def main(name: str) -> None:
         request = {"set": name, **p.model_dump(exclude={"sets", "train_set"}), **pair_set.model_dump()}
         work = s.checkpoint(request, inputs)
         shards = work.parent / "shards"
-        stats = generate_pairs(
-            flow.net, shards, p.n_pairs, p.shard_size, p.solve_batch, pair_set.solver, p.seed,
-            tuple(flow.meta["data_shape"]), flow.meta["num_classes"], fp16=p.fp16,
-            solver_fn=rl_solver(pair_set.policy) if pair_set.solver == "rl" else None, device=s.device,
-        )  # fmt: skip
+
+        def generate() -> PairStats:
+            return generate_pairs(
+                flow.net, shards, p.n_pairs, p.shard_size, p.solve_batch, pair_set.solver, p.seed,
+                tuple(flow.meta["data_shape"]), flow.meta["num_classes"], fp16=p.fp16,
+                solver_fn=rl_solver(pair_set.policy) if pair_set.solver == "rl" else None, device=s.device,
+            )  # fmt: skip
+
+        try:
+            stats = generate()
+        except (PairStoreMismatch, IntegrityError) as exc:  # scratch is a cache: set the folder aside, start over
+            bad = shards.with_name("shards.bad")
+            shutil.rmtree(bad, ignore_errors=True)
+            os.replace(shards, bad)
+            print(f"warning: {exc}; set aside as {bad}, generating afresh", file=sys.stderr)
+            stats = generate()
         out = Path("pairs") / name
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -195,7 +195,7 @@ def test_import_data_refuses_missing_or_unknown_sources(repo: Path, tmp_path: Pa
 
 
 def test_import_data_of_a_file_already_in_inputs(repo: Path) -> None:
-    np.savez(repo / "inputs/here.npz", images=np.zeros((4, 2)), labels=np.zeros(4))
+    np.savez(repo / "inputs/here.npz", images=np.zeros((4, 2)), labels=np.zeros(4, dtype=np.int64))
     result = cli("import-data", "inputs/here.npz")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["path"] == "inputs/here.npz"

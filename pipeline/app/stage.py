@@ -24,6 +24,8 @@ from torch import nn
 from pipeline import tracking
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Params, ParamsError, TrainSection, load_params
+from pipeline.errors import readable_errors
+from pipeline.orchestration.flowlock import stop_with_flow
 from pipeline.runtime import configure_threads, init_distributed, is_main_process, resolve_device
 from pipeline.training import TrainResult, train
 
@@ -96,16 +98,22 @@ def read_params() -> Params:
 
 @contextmanager
 def stage(name: str, section_keys: list[str]) -> Iterator[Stage]:
-    """Validate the whole params file, then open the stage's MLflow run with the sections it reads."""
+    """Validate the whole params file, then open the stage's MLflow run with the sections it reads.
+
+    A user-caused failure (bad data, a damaged file, a missing device, a NaN loss) ends the stage with one
+    line naming the file or key (errors.readable_errors); a stage whose flow was killed stops with it.
+    """
     params = read_params()
-    configure_threads()
-    device = resolve_device(params.device)
-    init_distributed(device)
-    logged = {key: _dump(getattr(params, key)) for key in section_keys}
-    tags = {"slimstep.profile": params.profile, "dvc.stage": name}
-    if not is_main_process():
-        yield Stage(name, params, device, tracking.NullTracker())
-        return
-    with tracking.stage_run(name, logged, tags) as tracker:
-        yield Stage(name, params, device, tracker)
-    shutil.rmtree(SCRATCH / name.replace("@", "-"), ignore_errors=True)  # done: nothing left to resume
+    stop_with_flow()
+    with readable_errors(name):
+        configure_threads()
+        device = resolve_device(params.device)
+        init_distributed(device)
+        logged = {key: _dump(getattr(params, key)) for key in section_keys}
+        tags = {"slimstep.profile": params.profile, "dvc.stage": name}
+        if not is_main_process():
+            yield Stage(name, params, device, tracking.NullTracker())
+            return
+        with tracking.stage_run(name, logged, tags) as tracker:
+            yield Stage(name, params, device, tracker)
+        shutil.rmtree(SCRATCH / name.replace("@", "-"), ignore_errors=True)  # done: nothing left to resume

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.modelio import BUILDERS, WEIGHTS, LoadedModel, read_meta, save_model
+from pipeline.modelio import BUILDERS, WEIGHTS, LoadedModel, fit_weights, load_weights, read_meta, save_model
 from pipeline.msd.partition import check_partition
 from pipeline.nets import NetSpec, build_net
 
@@ -102,5 +102,5 @@ def load_router(
     if meta.get("kind") != "router":
         raise ValueError(f"{directory}: a {meta.get('kind')!r} model, not a router")
     router = _build_router(meta, build_student)
-    router.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
+    fit_weights(router, load_weights(directory), directory / WEIGHTS)
     return LoadedModel(net=router.to(device).eval().requires_grad_(False), meta=meta)

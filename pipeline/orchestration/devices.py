@@ -126,6 +126,12 @@ class DevicePool:
         self.folder = folder or Path(tempfile.gettempdir()) / limit_name()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.poll_s = poll_s
+        self._fds: dict[str, int] = {}
+
+    def fd(self, device: str) -> int:
+        """The held lock file of `device`: pass it to the stage process, so the device stays taken while the
+        stage lives even if this process is killed (the flock belongs to the open file, shared by both)."""
+        return self._fds[device]
 
     def held(self) -> int:
         """How many of the devices some live process holds right now."""
@@ -156,9 +162,11 @@ class DevicePool:
                 except BlockingIOError:
                     handle.close()
                     continue
+                self._fds[device] = handle.fileno()
                 try:
                     yield device
                 finally:
+                    self._fds.pop(device, None)
                     fcntl.flock(handle, fcntl.LOCK_UN)
                     handle.close()
                 return

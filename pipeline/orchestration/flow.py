@@ -36,6 +36,7 @@ from pipeline import tracking
 from pipeline.orchestration import process
 from pipeline.orchestration.dag import StageGraph, read_graph
 from pipeline.orchestration.devices import DevicePool, Slots, ensure_limit, limit_name, plan_slots
+from pipeline.orchestration.flowlock import FlowRunning, one_flow
 
 FLOW_NAME = "slimstep"
 MAX_WORKERS = 16  # threads only exist for submitted (ready) stages, and each then waits for a device slot
@@ -121,7 +122,8 @@ def stage_task(stage: str, ctx: StageContext, fresh: bool = False) -> process.St
         attempt = task_run.get_run_count()
         log = ctx.log_dir / f"{stage.replace('@', '-')}{f'.{attempt}' if attempt > 1 else ''}.log"
         run = process.run_stage(
-            stage, ctx.root, env, log, process.repro_command(stage, ctx.pull), on_line=lambda line: logger.info(line)
+            stage, ctx.root, env, log, process.repro_command(stage, ctx.pull), on_line=lambda line: logger.info(line),
+            pass_fds=(ctx.pool.fd(device),),
         )  # fmt: skip
         if run.returncode == 0 and ctx.push:
             pushed = process.run_stage(stage, ctx.root, env, log.with_suffix(".push.log"),
@@ -291,8 +293,21 @@ def slimstep_flow(
     threads: override the CPU sizing (cores ÷ threads per stage). pull / push: share outputs and the
     run-cache through the default DVC remote. register_models: register the one-step student and the MSD router.
     """
-    logger = get_run_logger()
     base = Path(root or Path.cwd()).resolve()
+    try:
+        with one_flow(base, "slimstep run") as flow_env:
+            return _run_flow(
+                base, flow_env, profile, targets, gpus, slots, threads, retries, pull, push, register_models
+            )  # fmt: skip
+    except FlowRunning as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def _run_flow(
+    base: Path, flow_env: dict[str, str], profile: str | None, targets: list[str] | None, gpus: int | None,
+    slots: int | None, threads: int | None, retries: int, pull: bool, push: bool, register_models: bool,
+) -> dict[str, Any]:  # fmt: skip
+    logger = get_run_logger()
     if profile:
         _switch_profile(base, profile)
     params = validated_params(base)
@@ -316,7 +331,8 @@ def slimstep_flow(
             })  # fmt: skip
         # Stages' `python` is this interpreter, whether or not its environment is activated.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", **flow_env}
+        env.update(tracking.child_env())
         if parent:
             env[tracking.PARENT_ENV] = parent
         logs = base / LOGS / (flow_run.get_name() or "run")

@@ -147,8 +147,11 @@ def run_stage(
     log: Path,
     command: list[str] | None = None,
     on_line: Callable[[str], None] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> StageRun:
-    """Run the stage's DVC command in its own process group, teeing output to `log` and `on_line`."""
+    """Run the stage's DVC command in its own process group, teeing output to `log` and `on_line`.
+
+    `pass_fds`: open files the stage inherits (its device's lock, held for as long as the stage lives)."""
     if cancelled():
         raise StageCancelled(f"flow run cancelled before stage {stage} started")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +160,7 @@ def run_stage(
     started = time.time()
     proc = subprocess.Popen(
         command or repro_command(stage), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1, start_new_session=True,
+        text=True, bufsize=1, start_new_session=True, pass_fds=pass_fds,
     )  # fmt: skip
     with _LIVE_LOCK:
         _LIVE[proc.pid] = proc

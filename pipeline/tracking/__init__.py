@@ -4,6 +4,8 @@ The tracking store defaults to `sqlite:///<repo root>/mlflow.db` made absolute f
 so stages run from a temp copy (`dvc exp run --temp`) still log to the same place. The parent run id
 travels in SLIMSTEP_PARENT_RUN_ID (exporting MLFLOW_RUN_ID would hijack the child, mlflow #15713).
 Logging is best effort: a locked SQLite store is retried, and a tracking failure never kills training.
+A store that cannot be reached or written is found by a quick probe (seconds, not MLflow's minutes of
+HTTP retries): tracking is then off for the run with one warning line, unless SLIMSTEP_TRACKING=required.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -19,10 +22,17 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from pipeline.errors import UserError, first_line
 
 EXPERIMENT = "slimstep"
 PARENT_ENV = "SLIMSTEP_PARENT_RUN_ID"
-DISABLE_ENV = "SLIMSTEP_TRACKING"  # "off" disables MLflow (unit tests, quick library use)
+DISABLE_ENV = "SLIMSTEP_TRACKING"  # "off" disables MLflow (unit tests, quick library use); "required" insists
+REQUIRED = "required"
+PROBE_TIMEOUT_S = 3.0
+# Bounded HTTP retries for a server that dies mid-run (MLflow's defaults retry for minutes).
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 T = TypeVar("T")
 
 
@@ -42,8 +52,52 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+class TrackingUnavailable(UserError):
+    """SLIMSTEP_TRACKING=required, and the store cannot be used: fail before any training."""
+
+
+_problems: dict[str, str | None] = {}  # tracking URI -> why it is unusable (None: usable), probed once per process
+
+
+def store_problem(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the store cannot take records now (None: it can) — a connect or a permission check, not a retry loop."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.parent.is_dir():
+            return f"folder {path.parent} does not exist"
+        if (path.exists() and not os.access(path, os.W_OK)) or not os.access(path.parent, os.W_OK):
+            return f"{path} is read-only"
+        return None
+    if uri.startswith(("http://", "https://")):
+        parsed = urlparse(uri)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout_s).close()
+        except OSError as exc:
+            return f"cannot connect to {parsed.hostname}:{port} ({exc.strerror or exc})"
+    return None
+
+
 def enabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "on").lower() not in {"off", "0", "false"}
+    """Tracking is on and its store usable; an unusable one warns once (or raises when it is required)."""
+    mode = os.environ.get(DISABLE_ENV, "on").lower()
+    if mode in {"off", "0", "false"}:
+        return False
+    uri = tracking_uri()
+    if uri not in _problems:
+        _problems[uri] = store_problem(uri)
+        if _problems[uri] is not None and mode != REQUIRED:
+            print(f"warning: MLflow store {uri} cannot be used ({_problems[uri]}); tracking is off for this run, "
+                  "every output is kept (SLIMSTEP_TRACKING=required makes this an error)", file=sys.stderr)  # fmt: skip
+    if _problems[uri] is not None and mode == REQUIRED:
+        raise TrackingUnavailable(f"MLflow store {uri} cannot be used ({_problems[uri]}) and SLIMSTEP_TRACKING="
+                                  "required: nothing was run; start the store, or unset SLIMSTEP_TRACKING")  # fmt: skip
+    return _problems[uri] is None
+
+
+def child_env() -> dict[str, str]:
+    """What processes this one starts need so that they skip a store found unusable here (no second wait)."""
+    return {} if enabled() else {DISABLE_ENV: "off"}
 
 
 def retry(call: Callable[[], T], attempts: int = 6) -> T:
@@ -59,6 +113,8 @@ def retry(call: Callable[[], T], attempts: int = 6) -> T:
 
 
 def _mlflow():  # noqa: ANN202 - imported lazily: 1.5 s that unit tests and `--help` should not pay
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -89,17 +145,22 @@ def metric_name(key: str) -> str:
 
 
 class MlflowTracker:
-    """Logs into one active run; every call is retried and a failure only warns."""
+    """Logs into one active run; every call is retried, and the first failure warns once and stops the logging."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self._client = _mlflow().MlflowClient()
+        self.broken = False
 
     def _safe(self, call: Callable[[], Any]) -> None:
+        if self.broken:
+            return
         try:
             retry(call)
         except Exception as exc:  # tracking must never cost a finished training
-            warnings.warn(f"MLflow logging failed: {exc}", stacklevel=3)
+            self.broken = True
+            print(f"warning: MLflow logging failed ({first_line(exc)}); no more records for this run, outputs are kept",
+                  file=sys.stderr)  # fmt: skip
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -160,7 +221,11 @@ def prestart_helper() -> None:
     start-up run beside the stage's own instead of after them. The next BackgroundTracker adopts it; a
     stage that never opens a run (bad params) just closes its stdin at exit and the helper logs nothing."""
     global _prestarted
-    if enabled() and _prestarted is None and os.environ.get("RANK", "0") == "0":
+    try:
+        usable = enabled()
+    except TrackingUnavailable:
+        return  # the stage's own run opening reports it, as one line
+    if usable and _prestarted is None and os.environ.get("RANK", "0") == "0":
         _prestarted = _spawn_helper()
 
 
@@ -176,15 +241,19 @@ class BackgroundTracker:
     def __init__(self, stage: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         global _prestarted
         self._process, _prestarted = _prestarted or _spawn_helper(), None
+        self._gone = False
         self._send({"op": "start", "stage": stage, "params": flatten(params), "tags": tags})
 
     def _send(self, message: dict[str, Any]) -> None:
+        if self._gone:
+            return
         try:
             assert self._process.stdin is not None
             self._process.stdin.write(json.dumps(message, default=str) + "\n")
             self._process.stdin.flush()
         except (BrokenPipeError, OSError, ValueError) as exc:  # tracking must never cost a finished training
-            warnings.warn(f"MLflow logging helper is gone: {exc}", stacklevel=3)
+            self._gone = True
+            print(f"warning: MLflow logging helper is gone ({exc}); outputs are kept", file=sys.stderr)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         values = {k: float(v) for k, v in metrics.items() if v is not None}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.errors import first_line
 
 
 def warm_up() -> None:
@@ -25,7 +26,14 @@ def main() -> None:
     start = next(lines, None)
     if start is None or start["op"] != "start":
         return
-    tracker = tracking.open_stage_run(start["stage"], start["params"], start["tags"])
+    try:
+        tracker = tracking.open_stage_run(start["stage"], start["params"], start["tags"])
+    except Exception as exc:  # a store that broke after the probe: the stage goes on without records
+        print(f"warning: MLflow run of {start['stage']} not created ({first_line(exc)}); outputs are kept",
+              file=sys.stderr)  # fmt: skip
+        for _ in lines:  # drain, so the stage never blocks on a full pipe
+            pass
+        return
     status = "FAILED"
     for message in lines:
         op = message["op"]
