@@ -177,7 +177,7 @@ def test_claim_rows_follow_the_sign_of_the_effect(tmp_path) -> None:
 
     runs[0].ablations = {"term_off": {"fd": 5.5}, "msd_k5": {"fd": 4.0}, "tsm_off": {"fd": 9.0}, "tsm_on": {"fd": 8.0}}
     rows = {c.claim: claim_row(c, runs) for c in CLAIMS}
-    term = rows["2-step guidance term on vs off (same init, teacher pairs)"]  # off 5.5, on = the run's own distill@fgd 5.0
+    term = rows["2-step guidance term on vs off (same init, teacher pairs)"]  # off 5.5, on: the run's distill@fgd
     assert (term["reproduces"], term["runs"], term["values"]) == ("yes", "1/1", [[5.5, 5.0]])
     assert rows["more MSD students help (K = 1 vs 5)"]["values"] == [[5.0, 4.0]]
     assert rows["TSM warm start helps half-size students"]["values"] == [[9.0, 8.0]]
