@@ -27,7 +27,8 @@ QUICK_DIVISOR = 5
 # Two jobs per size, so that two workers stay busy: the SlimFlow chain, and the students that need no 2-flow.
 JOBS = {
     "slimflow": [["stages", "anneal", "slimflow"], ["stages", "distill", "fgd"]],
-    "baselines": [["stages", "anneal", "reflow"], ["stages", "distill", "naive-paper"], ["stages", "distill", "naive-matched"]],
+    "baselines": [["stages", "anneal", "reflow"], ["stages", "distill", "naive-paper"],
+                  ["stages", "distill", "naive-matched"]],
 }
 MODELS = {"slimflow": ("anneal@slimflow", "distill@fgd"),
           "baselines": ("anneal@reflow", "distill@naive-paper", "distill@naive-matched")}  # fmt: skip

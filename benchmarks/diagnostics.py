@@ -88,10 +88,10 @@ def diagnose(run: Path, n_pairs: int = 5000) -> dict[str, Any]:
     from pipeline.data import load_split
     from pipeline.evaluation import eval_inputs, sample_quality
     from pipeline.flow import one_step
+    from pipeline.modelio import RAW_WEIGHTS as RAW
     from pipeline.modelio import load_model
     from pipeline.nets import build_net
     from pipeline.slimflow import FlowGuidedDistillationLoss
-    from pipeline.modelio import RAW_WEIGHTS as RAW
 
     params = load_params(run / "params.yaml")
     d, e = params.distill, params.eval
