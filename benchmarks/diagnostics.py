@@ -118,11 +118,11 @@ def diagnose(run: Path, n_pairs: int = 5000) -> dict[str, Any]:
                       for name, g in students.items()})  # fmt: skip
 
     z, x, label = stored_pairs(run / "pairs" / params.pairs.train_set, n_pairs)
-    aims = {f"||{name} - T||^2": _sq(two_step_targets(src, loss, z, label), x) for name, src in x2_sources.items()}
+    aims = {f"‖{name} - T‖²": _sq(two_step_targets(src, loss, z, label), x) for name, src in x2_sources.items()}
     outputs = {name: _batched(lambda z_, y_, g=g: one_step(g, z_, y_), z, label) for name, g in students.items()}
-    aims.update({f"||G {name} - T||^2": _sq(out, x) for name, out in outputs.items()})
+    aims.update({f"‖G {name} - T‖²": _sq(out, x) for name, out in outputs.items()})
     if "distill@fgd" in students:
-        aims["||x_2step at distillation end - G distill@fgd||^2"] = _sq(
+        aims["‖x_2step at distillation end - G distill@fgd‖²"] = _sq(
             two_step_targets(students["distill@fgd"], loss, z, label), outputs["distill@fgd"]
         )
 

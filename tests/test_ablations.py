@@ -50,7 +50,7 @@ def test_regenerated_pair_variants_solve_the_annealed_flow_like_the_teacher_set(
                                             "flow": "models/anneal@slimflow"}  # fmt: skip
     assert on.edits["distill.pair_set"] == off.edits["distill.pair_set"] == "regen"
     assert off.edits["distill.guidance_weight"] == 0.0 and "distill.guidance_weight" not in on.edits
-    assert on.commands == off.commands == [["stages.pairs", "regen"], ["stages.distill", "fgd"]]
+    assert on.commands == off.commands == [["stages", "pairs", "regen"], ["stages", "distill", "fgd"]]
 
 
 def test_width_for_picks_the_closest_parameter_count() -> None:
