@@ -55,6 +55,7 @@ class Context:
     threads: int
     repo: Path | None = None  # a finished digits run (models/teacher, models/distill@fgd, ...)
     runs: list[Path] = field(default_factory=list)  # finished runs for the quality table
+    variants: list[str] = field(default_factory=list)  # ablation variants the quality benchmark runs (empty: all)
     timings: dict[str, float] = field(default_factory=dict)  # shared set-up costs (smoke chain)
     _smoke: tuple[Path, float, Any, subprocess.Popen] | None = field(default=None, repr=False)
 
@@ -104,4 +105,5 @@ class Context:
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "seed": self.seed, "threads": self.threads,
-                "repo": str(self.repo) if self.repo else None, "runs": [str(r) for r in self.runs]}  # fmt: skip
+                "repo": str(self.repo) if self.repo else None, "runs": [str(r) for r in self.runs],
+                **({"variants": self.variants} if self.variants else {})}  # fmt: skip

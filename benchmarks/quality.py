@@ -23,6 +23,7 @@ import pandas as pd
 
 from benchmarks.common import RESULTS, Report
 from benchmarks.context import Context
+from benchmarks.diagnostics import add_diagnostics
 
 
 @dataclass
@@ -69,12 +70,12 @@ def _fd(model_a: str, model_b: str, sampler: str) -> Callable[[RunData], Pair]:
     return lambda r: (value(r.board, model_a, "fd", sampler), value(r.board, model_b, "fd", sampler))
 
 
-def _ablation(baseline: str | None, method: str | None) -> Callable[[RunData], Pair]:
-    """FD of ablation variants (benchmarks/ablations.py); None stands for the run's own distill@fgd."""
+def _ablation(baseline: str | None, method: str | None, model: str = "distill@fgd") -> Callable[[RunData], Pair]:
+    """FD of ablation variants (benchmarks/ablations.py); None stands for the run's own `model` (one step)."""
 
     def fd(r: RunData, name: str | None) -> float | None:
         if name is None:
-            return value(r.board, "distill@fgd", "fd", "onestep") if r.ablations else None
+            return value(r.board, model, "fd", "onestep") if r.ablations else None
         return r.ablations[name]["fd"] if name in r.ablations else None
 
     return lambda r: (fd(r, baseline), fd(r, method))
@@ -106,10 +107,25 @@ CLAIMS = [
           "anneal@reflow", "anneal@slimflow", "lower", _fd("anneal@reflow", "anneal@slimflow", "dopri5")),
     Claim("annealing beats plain reflow (2-flow, 1 Euler step)", "– (lower expected)", "FD, euler-1",
           "anneal@reflow", "anneal@slimflow", "lower", _fd("anneal@reflow", "anneal@slimflow", "euler-1")),
-    Claim("flow-guided distillation beats naive distillation", "SlimFlow 15.7M FID 5.02 (naive: higher)",
-          "FD, one step", "distill@naive", "distill@fgd", "lower", _fd("distill@naive", "distill@fgd", "onestep")),
-    Claim("2-step guidance term on vs off (same init)", "FID 7.90 → 7.30 (L2), 6.43 → 5.81 (LPIPS)", "FD, one step",
-          "term off", "term on", "lower", _ablation("term_off", None), ABLATIONS),
+    Claim("flow-guided distillation beats naive distillation (paper's reading)",
+          "FID 12.09 (naive) → 7.30 (L2 FGD) (CIFAR-10, 15.7M)", "FD, one step", "distill@naive-paper", "distill@fgd",
+          "lower", _fd("distill@naive-paper", "distill@fgd", "onestep")),
+    Claim("flow-guided distillation beats naive distillation (compute-matched)", "– (not in the paper)",
+          "FD, one step", "distill@naive-matched", "distill@fgd", "lower",
+          _fd("distill@naive-matched", "distill@fgd", "onestep")),
+    Claim("2-step guidance term on vs off (same init, teacher pairs)", "FID 7.90 → 7.30 (L2), 6.43 → 5.81 (LPIPS)",
+          "FD, one step", "term off", "term on", "lower", _ablation("term_off", None), ABLATIONS),
+    Claim("2-step guidance term on vs off (same init, regenerated pairs)", "FID 7.90 → 7.30 (L2, 2-RF data)",
+          "FD, one step", "term off, regen pairs", "term on, regen pairs", "lower",
+          _ablation("regen_off", "regen_on"), ABLATIONS),
+    Claim("regenerated pairs beat teacher pairs (FGD, term on)", "– (the paper trains on 2-RF data)", "FD, one step",
+          "teacher pairs (distill@fgd)", "regen pairs", "lower", _ablation(None, "regen_on"), ABLATIONS),
+    Claim("2-RF data + init beats naive distillation (paper's reading; term off)", "FID 12.09 → 7.90",
+          "FD, one step", "distill@naive-paper", "term off, regen pairs", "lower",
+          _ablation(None, "regen_off", "distill@naive-paper"), ABLATIONS),
+    Claim("FGD on regenerated pairs beats naive (paper's reading)", "FID 12.09 → 7.30 (L2)", "FD, one step",
+          "distill@naive-paper", "term on, regen pairs", "lower", _ablation(None, "regen_on", "distill@naive-paper"),
+          ABLATIONS),
     Claim("MSD ensemble beats one student of the same size", "FID 1.28 → 1.20 (ImageNet-64, 4 students)",
           "FD, one step", "distill@fgd", "msd@ensemble", "lower", _fd("distill@fgd", "msd@ensemble", "onestep")),
     Claim("more MSD students help (K = 1 vs 5)", "FID 2.60 / 2.49 / 2.37 for K = 1/2/4 (unconfirmed)",
@@ -135,6 +151,17 @@ def pm(mean: float | None, std: float | None) -> str:
     return f"{mean:.4g}" if not std else f"{mean:.4g} ± {std:.2g}"
 
 
+def verdict(deltas: list[float], sign: int) -> str:
+    """ "reproduces" / "does not" when the mean difference is beyond 2 standard errors over runs, else "inside the
+    noise"; one run has no seed-to-seed noise estimate, so its verdict says so."""
+    mean, std = mean_std(deltas)
+    if len(deltas) < 2:
+        return f"{'reproduces' if mean * sign > 0 else 'does not'} (1 seed: noise unknown)"
+    if abs(mean) <= 2 * std / math.sqrt(len(deltas)):
+        return "inside the noise"
+    return "reproduces" if mean * sign > 0 else "does not"
+
+
 def claim_row(claim: Claim, runs: list[RunData]) -> dict[str, Any]:
     """One table row: baseline, method and their difference as mean ± std over runs; whether the sign holds."""
     row: dict[str, Any] = {"claim": claim.claim, "paper": claim.paper, "metric": claim.metric,
@@ -143,7 +170,8 @@ def claim_row(claim: Claim, runs: list[RunData]) -> dict[str, Any]:
     if not pairs:
         why = claim.needs or "the runs lack these rows"
         return {**row, "ours_baseline": "–", "ours_method": "–", "delta": "–", "reproduces": "not measured",
-                "runs": f"0/{len(runs)}", "why": why, "values": []}  # fmt: skip
+                "runs": f"0/{len(runs)}", "why": why, "values": [], "per_seed": "–",
+                "verdict": "not measured"}  # fmt: skip
     sign = -1 if claim.better == "lower" else 1
     deltas = [b - a for a, b in pairs]
     delta_mean, delta_std = mean_std(deltas)
@@ -157,6 +185,8 @@ def claim_row(claim: Claim, runs: list[RunData]) -> dict[str, Any]:
         "runs": f"{sum(holds)}/{len(pairs)}",
         "why": "",
         "values": [list(p) for p in pairs],
+        "per_seed": "; ".join(f"{a:.4g} → {b:.4g}" for a, b in pairs),
+        "verdict": verdict(deltas, sign),
     }
 
 
@@ -176,7 +206,8 @@ def threebody_row() -> dict[str, Any] | None:
             "method": "rl", "ours_baseline": f"{best['mean_return']:.4g}", "ours_method": f"{rl['mean_return']:.4g}",
             "delta": f"{delta:.4g}", "reproduces": "yes" if delta > 0 else "no", "runs": "1/1" if delta > 0 else "0/1",
             "why": f"benchmarks/results/threebody.json ({result['mode']}, {result.get('created', 'earlier run')})",
-            "values": [[best["mean_return"], rl["mean_return"]]]}  # fmt: skip
+            "values": [[best["mean_return"], rl["mean_return"]]], "per_seed": "–",
+            "verdict": verdict([delta], 1)}  # fmt: skip
 
 
 def one_point_per_model(runs: list[RunData]) -> tuple[pd.DataFrame, float | None]:
@@ -217,7 +248,7 @@ def run(ctx: Context) -> Report:
     if not ctx.quick:
         from benchmarks.ablations import run_ablations
 
-        measured = run_ablations(paths, ctx.workdir)
+        measured = run_ablations(paths, ctx.workdir, only=ctx.variants)
         for r in runs:
             r.ablations = measured[r.path]
         report.tables["ablations (student stages re-run in copies of the runs)"] = [
@@ -229,7 +260,7 @@ def run(ctx: Context) -> Report:
         rows.append(extra)
     report.figures["claims"] = rows
     columns = ["claim", "paper", "metric", "baseline", "ours_baseline", "method", "ours_method", "delta",
-               "reproduces", "runs"]  # fmt: skip
+               "reproduces", "runs", "per_seed", "verdict"]  # fmt: skip
     report.tables["paper claims"] = [{k: r[k] for k in columns} for r in rows]
     missing = [f"{r['claim']}: {r['why']}" for r in rows if r["reproduces"] == "not measured"]
     report.notes += [f"not measured — {m}" for m in missing]
@@ -238,6 +269,7 @@ def run(ctx: Context) -> Report:
         f"{sum(r['reproduces'] == 'yes' for r in measured)}/{len(measured)}"
     )
 
+    add_diagnostics(report, paths)
     points, floor = one_point_per_model(runs)
     quality_vs_nfe(points, RESULTS / "quality_nfe.png", floor=floor)
     report.tables["quality vs NFE (plotted)"] = [

@@ -4,6 +4,7 @@
     python -m benchmarks.run                      # full, <= 30 min
     python -m benchmarks.run --only sampling --repo path/to/finished/digits/run
     python -m benchmarks.run --only quality --runs run-seed0 run-seed1 run-seed2
+    python -m benchmarks.run --only capacity --runs run-seed0   # student-capacity sweep, ~45 min (--quick ~10)
 
 Every speed figure is a ratio of two things timed alternately in the same run (median of >= 5 paired
 repeats); see benchmarks/common.py. `slimstep bench` calls this.
@@ -27,6 +28,7 @@ from benchmarks.context import Context
 NAMES = ("sampling", "pairs", "training", "overhead", "threebody", "quality", "deploy")  # quality reads threebody.json
 TABLE_FILES = ("deploy",)  # benchmarks whose table also goes to results/<name>.md (the README quotes it)
 QUICK_DEFAULT = ("sampling", "pairs", "training", "overhead", "quality")  # threebody adds ~1 min: full mode
+ON_REQUEST = ("capacity", "diagnostics")  # too long for the default set: `--only capacity`
 
 
 def _benchmark(name: str) -> Callable[[Context], Report]:
@@ -43,6 +45,10 @@ def _benchmark(name: str) -> Callable[[Context], Report]:
         from benchmarks.quality import run
     elif name == "deploy":
         from benchmarks.deploy import run
+    elif name == "capacity":
+        from benchmarks.capacity import run
+    elif name == "diagnostics":
+        from benchmarks.diagnostics import run
     else:
         from benchmarks.threebody_entry import run
     return run
@@ -91,7 +97,7 @@ def summary_markdown(payloads: dict[str, dict], mode: str, total_s: float) -> st
 
 def benchmark_markdown(name: str, payload: dict, level: str = "#") -> list[str]:
     """One benchmark's tables and notes (a summary.md section, or benchmarks/results/<name>.md alone)."""
-    lines = ["", f"{level} {name}", "", f"{payload['wall_s']:.0f} s, {payload['created']}."]
+    lines = ["", f"{level} {name}", "", f"{payload['mode']} mode, {payload['wall_s']:.0f} s, {payload['created']}."]
     for title, rows in payload["tables"].items():
         if rows:
             lines += ["", f"**{title}**", "", markdown_table(rows)]
@@ -99,14 +105,30 @@ def benchmark_markdown(name: str, payload: dict, level: str = "#") -> list[str]:
         lines += ["", f"- {note}"]
     if (RESULTS / "quality_nfe.png").exists() and name == "quality":
         lines += ["", "![FD against NFE, marker area ∝ parameters](quality_nfe.png)"]
+    if (RESULTS / "capacity.png").exists() and name == "capacity":
+        lines += ["", "![FD at one step against student parameters, one line per method](capacity.png)"]
     return lines
+
+
+def stored_results() -> dict[str, dict]:
+    """Every benchmark's last result file, in the runner's order."""
+    return {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in NAMES + ON_REQUEST
+            if (RESULTS / f"{name}.json").exists()}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: <= 5 min on 2 cores")
-    parser.add_argument("--only", action="append", choices=NAMES, metavar="NAME",
-                        help=f"run only this benchmark (repeatable): {', '.join(NAMES)}")  # fmt: skip
+    parser.add_argument("--only", action="append", choices=NAMES + ON_REQUEST, metavar="NAME",
+                        help=f"run only this benchmark (repeatable): {', '.join(NAMES + ON_REQUEST)} (capacity: "
+                        "the student-capacity sweep, only on request)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="quality, full mode: run only these ablation variants (repeatable; default all)",
+    )
     parser.add_argument("--repo", type=Path, help="a finished digits run: its trained models are timed")
     parser.add_argument("--runs", type=Path, nargs="+", default=[], help="finished runs for the quality table")
     parser.add_argument("--smoke-run", type=Path,
@@ -130,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     workdir = Path(tempfile.mkdtemp(prefix="slimstep-bench-"))
     ctx = Context(quick=args.quick, seed=args.seed, workdir=workdir, results=RESULTS, threads=args.threads,
-                  repo=args.repo.resolve() if args.repo else None, runs=[r.resolve() for r in args.runs])  # fmt: skip
+                  repo=args.repo.resolve() if args.repo else None, runs=[r.resolve() for r in args.runs],
+                  variants=args.variants)  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     started, payloads, failed = time.perf_counter(), {}, []
     if args.smoke_run:
@@ -167,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     total = time.perf_counter() - started
-    if payloads and not args.only:
+    if payloads:
         from pipeline.atomic import atomic_write_text
 
-        atomic_write_text(RESULTS / "summary.md", summary_markdown(payloads, ctx.mode, total))
+        everything = {**stored_results(), **payloads}  # --only: the other benchmarks' last results stay in
+        atomic_write_text(RESULTS / "summary.md", summary_markdown(everything, ctx.mode, total))
     line = {"benchmarks": list(payloads), "failed": failed, "mode": ctx.mode, "wall_s": round(total, 1),
             **{f"{n}.{k}": v for n, p in payloads.items() for k, v in p["summary"].items()},
             "targets_met": {t["target"]: t["met"] for p in payloads.values() for t in p["targets"]}}  # fmt: skip

@@ -55,7 +55,7 @@ def stage_setups(seed: int) -> dict[str, Callable[[], tuple[nn.Module, Any, bool
         "anneal@slimflow": lambda: (student(), AnnealingReflowLoss(a.steps, a.schedule, a.window_frac), True),
         "anneal@reflow": lambda: (student(), AnnealingReflowLoss(a.steps, "constant"), True),
         "distill@fgd": lambda: (student(), FlowGuidedDistillationLoss(guide, range(CLASSES), d.s_min, d.s_max), True),
-        "distill@naive": lambda: (student(), FlowGuidedDistillationLoss(None, [], guidance_weight=0.0), True),
+        "distill@naive-*": lambda: (student(), FlowGuidedDistillationLoss(None, [], guidance_weight=0.0), True),
         "msd tsm": lambda: (student(), TeacherScoreMatchingLoss(teacher, half), False),
         "msd dmd": lambda: (student(), DMDLoss(teacher, copy.deepcopy(teacher), m.fake_lr, half, m.t_min, m.t_max,
                                                 m.fake_updates, m.regression_weight), True),

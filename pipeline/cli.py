@@ -390,10 +390,20 @@ def register(
 @app.command()
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="small sizes, few repeats: <= 5 min on 2 cores")] = False,
-    only: Annotated[list[str] | None, typer.Option("--only", help="run only this benchmark (repeatable)")] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="run only this benchmark (repeatable); `capacity`, the student-capacity sweep, "
+            "runs only when asked for",
+        ),
+    ] = None,
     repo: Annotated[Path | None, typer.Option(help="a finished digits run whose trained models are timed")] = None,
     runs: Annotated[
         list[Path] | None, typer.Option("--runs", help="a finished run for the claims table (repeatable)")
+    ] = None,
+    variants: Annotated[
+        list[str] | None, typer.Option("--variants", help="quality: run only these ablation variants (repeatable)")
     ] = None,
 ) -> None:
     """Speed, memory and quality benchmarks: a table each, benchmarks/results/*.json and summary.md."""
@@ -405,6 +415,7 @@ def bench(
     args += [arg for name in only or [] for arg in ("--only", name)]
     args += ["--repo", str(repo)] if repo else []
     args += ["--runs", *map(str, runs)] if runs else []
+    args += [arg for name in variants or [] for arg in ("--variants", name)]
     raise typer.Exit(subprocess.run(args).returncode)
 
 

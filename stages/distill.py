@@ -1,45 +1,60 @@
-"""Stage `distill@fgd` / `distill@naive`: one-step students (docs/methods.md §4).
+"""Stage `distill@fgd` / `distill@naive-paper` / `distill@naive-matched`: one-step students (docs/methods.md §4).
 
 `fgd`: Flow-Guided Distillation from the annealed student's raw weights, guided by its EMA (or by the
 teacher taking `guide_steps` Euler steps), on the pair set `distill.pair_set` (the teacher's, or one the
-annealed student regenerated). `naive`: the baseline — the same net from random init, pair
-term only, trained with the from-scratch recipe for as many steps as annealing + distillation together.
+annealed student regenerated). The naive baseline — the same net from random init, pair term only, on the
+train set's (teacher) pairs — in two readings: `naive-paper` as SlimFlow's ablation ran it (distillation's
+recipe and `distill.steps` steps) and `naive-matched`, compute-matched with SlimFlow's whole student budget
+(`anneal.steps + distill.steps` steps with annealing's lr and warm-up, the from-scratch recipe).
 """
 
+import sys
 from pathlib import Path
 
 import torch
 
 from pipeline.app.stage import stage
+from pipeline.config import AnnealSection, DistillSection
 from pipeline.modelio import RAW_WEIGHTS, fit_weights, load_model, load_weights, save_model
 from pipeline.nets import build_net, count_macs, count_params
 from pipeline.pairs import PairStream
 from pipeline.slimflow import FlowGuidedDistillationLoss
 
 ANNEALED = Path("models/anneal@slimflow")
+VARIANTS = ("fgd", "naive-paper", "naive-matched")
+
+
+def recipe(variant: str, p: DistillSection, a: AnnealSection) -> DistillSection:
+    """The training settings of a variant: distillation's, or for `naive-matched` annealing + distillation's steps."""
+    if variant == "naive-matched":
+        return p.model_copy(update={"steps": a.steps + p.steps, "lr": a.lr, "warmup_steps": a.warmup_steps})
+    return p
 
 
 def main(variant: str) -> None:
+    if variant not in VARIANTS:
+        print(f"error: unknown distill variant {variant!r}; allowed: {', '.join(VARIANTS)}", file=sys.stderr)
+        raise SystemExit(2)
     with stage(f"distill@{variant}", ["distill", "anneal", "pairs"]) as s:
-        p, a = s.params.distill, s.params.anneal
-        pairs = Path("pairs") / (p.pair_set if variant == "fgd" else s.params.pairs.train_set)  # naive: teacher pairs
+        p, a, fgd = s.params.distill, s.params.anneal, variant == "fgd"
+        pairs = Path("pairs") / (p.pair_set if fgd else s.params.pairs.train_set)  # naive: the teacher's pairs
         teacher = load_model("models/teacher", s.device)
         shape, classes = tuple(teacher.meta["data_shape"]), teacher.meta["num_classes"]
         torch.manual_seed(p.seed)
         net = build_net(a.net, shape, classes).to(s.device)
-        if variant == "fgd":
+        if fgd:
             fit_weights(net, load_weights(ANNEALED, RAW_WEIGHTS), ANNEALED / RAW_WEIGHTS)
             guide = load_model(ANNEALED, s.device).net if p.guide == "anneal" else teacher.net
-            settings, weight = p, p.guidance_weight
+            weight = p.guidance_weight
         else:
             guide, weight = None, 0.0
-            settings = p.model_copy(update={"steps": a.steps + p.steps, "lr": a.lr, "warmup_steps": a.warmup_steps})
+        settings = recipe(variant, p, a)
         loss = FlowGuidedDistillationLoss(
             guide, classes=range(classes), s_min=p.s_min, s_max=p.s_max, distance=p.distance, guidance_weight=weight,
             guide_steps=p.guide_steps, huber_c=p.huber_c, lpips_weights=p.lpips_weights,
         )  # fmt: skip
         batches = PairStream(pairs, settings.batch_size, settings.seed, s.device)
-        inputs = [pairs, ANNEALED] if variant == "fgd" else [pairs]
+        inputs = [pairs, ANNEALED] if fgd else [pairs]
         result = s.train(net, loss, batches, settings, {"variant": variant, **settings.model_dump()}, inputs)
         save_model(Path(f"models/distill@{variant}"), result.ema.cpu(), {
             "stage": f"distill@{variant}", "kind": "onestep", "net": a.net.model_dump(), "data_shape": list(shape),

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmarks.ablations import edited, half_width, run_ablations, score, variants
+from benchmarks.ablations import edited, half_width, net_params, run_ablations, score, variants, width_for
 from pipeline.config import NetSpec
 from pipeline.nets import build_net, count_params
 
@@ -31,22 +31,45 @@ def test_half_width_halves_the_parameters() -> None:
 
 def test_tsm_variants_are_compute_matched() -> None:
     params = {"msd": {"steps": 500, "students": [0, 1]}, "anneal": {"net": {
-        "kind": "mlp", "width": 64, "depth": 2, "channels": [8], "emb_dim": 16, "dropout": 0.0}}}  # fmt: skip
+        "kind": "mlp", "width": 64, "depth": 2, "channels": [8], "emb_dim": 16, "dropout": 0.0}},
+        "pairs": {"train_set": "teacher", "sets": {"teacher": {"solver": "dopri5-1e-04"}}}}  # fmt: skip
     by_name = {v.name: v for v in variants(params, (2,), 4)}
-    assert set(by_name) == {"term_off", "tsm_on", "tsm_off"}  # 4 classes: no K = 5
+    assert set(by_name) == {"term_off", "regen_on", "regen_off", "tsm_on", "tsm_off"}  # 4 classes: no K = 5
     on, off = by_name["tsm_on"].edits, by_name["tsm_off"].edits
     assert on["msd.tsm_steps"] == 200 and off["msd.tsm_steps"] == 0 and off["msd.steps"] == 500 + 200
     assert on["msd.net"] == off["msd.net"] and on["msd.net"]["width"] < 64
     assert by_name["tsm_on"].commands == [["stages", "msd", "0"], ["stages", "msd", "1"], ["stages", "router"]]
 
 
+def test_regenerated_pair_variants_solve_the_annealed_flow_like_the_teacher_set() -> None:
+    params = {"msd": {"steps": 500, "students": [0]}, "anneal": {"net": {"kind": "unet"}},
+              "pairs": {"train_set": "teacher", "sets": {"teacher": {"solver": "heun-8"}}}}  # fmt: skip
+    by_name = {v.name: v for v in variants(params, (2,), 4)}
+    on, off = by_name["regen_on"], by_name["regen_off"]
+    assert on.edits["pairs.sets.regen"] == {"solver": "heun-8", "policy": "models/teacher",
+                                            "flow": "models/anneal@slimflow"}  # fmt: skip
+    assert on.edits["distill.pair_set"] == off.edits["distill.pair_set"] == "regen"
+    assert off.edits["distill.guidance_weight"] == 0.0 and "distill.guidance_weight" not in on.edits
+    assert on.commands == off.commands == [["stages", "pairs", "regen"], ["stages", "distill", "fgd"]]
+
+
+def test_width_for_picks_the_closest_parameter_count() -> None:
+    net = {"kind": "resmlp", "width": 180, "depth": 2, "channels": [32, 64], "emb_dim": 64, "dropout": 0.0}
+    for target in (20_000, 100_000, 450_000):
+        width = width_for(net, (1, 8, 8), 10, target, widest=400)
+        best = min(range(8, 401), key=lambda w: abs(net_params({**net, "width": w}, (1, 8, 8), 10) - target))
+        assert width == best
+
+
 @pytest.mark.slow
 def test_ablations_rerun_students_in_copies_and_score_like_eval(smoke_repo, tmp_path) -> None:
     before = sorted(p.name for p in (smoke_repo / "models").iterdir())
     results = run_ablations([smoke_repo], tmp_path)[smoke_repo]
-    assert set(results) == {"term_off", "msd_k5", "tsm_on", "tsm_off"}
+    assert set(results) == {"term_off", "regen_on", "regen_off", "msd_k5", "tsm_on", "tsm_off"}
     assert all(math.isfinite(r["fd"]) and r["train_s"] > 0 for r in results.values())
     assert sorted(p.name for p in (smoke_repo / "models").iterdir()) == before  # the run itself is untouched
+    assert not (smoke_repo / "pairs" / "regen").exists()  # regenerated pairs are written in the copy only
+    assert (tmp_path / "ablation-0-regen_on" / "pairs" / "regen").is_dir()
 
     k5 = tmp_path / "ablation-0-msd_k5"
     assert sorted(p.name for p in (k5 / "models" / "msd").iterdir()) == ["0", "1", "2", "3", "4"]
