@@ -28,13 +28,13 @@ QUICK_DIVISOR = 5
 JOBS = {
     "slimflow": [["stages", "anneal", "slimflow"], ["stages", "distill", "fgd"]],
     "baselines": [["stages", "anneal", "reflow"], ["stages", "distill", "naive-paper"],
-                  ["stages", "distill", "naive-matched"]],
+                  ["stages", "distill", "naive"]],
 }
 MODELS = {"slimflow": ("anneal@slimflow", "distill@fgd"),
-          "baselines": ("anneal@reflow", "distill@naive-paper", "distill@naive-matched")}  # fmt: skip
+          "baselines": ("anneal@reflow", "distill@naive-paper", "distill@naive")}  # fmt: skip
 LABELS = {"anneal@slimflow": "annealed 2-flow (1 Euler step)", "anneal@reflow": "plain reflow (1 Euler step)",
           "distill@fgd": "FGD", "distill@naive-paper": "naive (paper's reading)",
-          "distill@naive-matched": "naive (compute-matched)"}  # fmt: skip
+          "distill@naive": "naive (compute-matched)"}  # fmt: skip
 
 
 def sizes(params: dict[str, Any], shape: tuple[int, ...], classes: int, teacher: int) -> list[tuple[float, int, int]]:
@@ -133,7 +133,7 @@ def run(ctx: Context) -> Report:
     report.tables["FD by size (columns: methods)"] = wide.reset_index().to_dict("records")
     fd = {(r["fraction"], r["model"]): r["fd"] for r in rows}
     for fraction, *_ in {(r["fraction"],) for r in rows}:
-        for naive in ("naive-paper", "naive-matched"):
+        for naive in ("naive-paper", "naive"):
             key = (fraction, f"distill@{naive}")
             if key in fd and (fraction, "distill@fgd") in fd:
                 report.summary[f"FGD − {naive} FD at {fraction:.0%} of the teacher"] = (

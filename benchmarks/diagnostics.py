@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from benchmarks.common import Report
 from benchmarks.context import Context
 
-STUDENTS = ("distill@fgd", "distill@naive-paper", "distill@naive-matched")
+STUDENTS = ("distill@fgd", "distill@naive-paper", "distill@naive")
 DIAGNOSTIC_SEED = 0  # the s ~ U(s_min, s_max) draws of x_2step
 
 

@@ -177,7 +177,7 @@ class AnnealSection(TrainSection):
 
 
 class DistillSection(TrainSection):
-    """Flow-Guided Distillation (docs/methods.md §4); `distill@naive-paper` / `distill@naive-matched` = pair term
+    """Flow-Guided Distillation (docs/methods.md §4); `distill@naive-paper` / `distill@naive` = pair term
     only, random init, distillation's steps / annealing + distillation's steps."""
 
     steps: Steps = 5000

@@ -1,11 +1,11 @@
-"""Stage `distill@fgd` / `distill@naive-paper` / `distill@naive-matched`: one-step students (docs/methods.md §4).
+"""Stage `distill@fgd` / `distill@naive-paper` / `distill@naive`: one-step students (docs/methods.md §4).
 
 `fgd`: Flow-Guided Distillation from the annealed student's raw weights, guided by its EMA (or by the
 teacher taking `guide_steps` Euler steps), on the pair set `distill.pair_set` (the teacher's, or one the
 annealed student regenerated). The naive baseline — the same net from random init, pair term only, on the
 train set's (teacher) pairs — in two readings: `naive-paper` as SlimFlow's ablation ran it (distillation's
-recipe and `distill.steps` steps) and `naive-matched`, compute-matched with SlimFlow's whole student budget
-(`anneal.steps + distill.steps` steps with annealing's lr and warm-up, the from-scratch recipe).
+recipe and `distill.steps` steps) and `naive`, the compute-matched reading under its long-standing leaderboard
+name: SlimFlow's whole student budget (`anneal.steps + distill.steps` steps with annealing's lr and warm-up).
 """
 
 import sys
@@ -21,12 +21,12 @@ from pipeline.pairs import PairStream
 from pipeline.slimflow import FlowGuidedDistillationLoss
 
 ANNEALED = Path("models/anneal@slimflow")
-VARIANTS = ("fgd", "naive-paper", "naive-matched")
+VARIANTS = ("fgd", "naive-paper", "naive")
 
 
 def recipe(variant: str, p: DistillSection, a: AnnealSection) -> DistillSection:
-    """The training settings of a variant: distillation's, or for `naive-matched` annealing + distillation's steps."""
-    if variant == "naive-matched":
+    """The training settings of a variant: distillation's, or for `naive` annealing + distillation's steps."""
+    if variant == "naive":
         return p.model_copy(update={"steps": a.steps + p.steps, "lr": a.lr, "warmup_steps": a.warmup_steps})
     return p
 

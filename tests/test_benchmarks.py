@@ -135,7 +135,7 @@ def _board(fd: dict[str, float], straight: dict[str, float]) -> pd.DataFrame:
         ("teacher", "euler-1", 1, 900), ("teacher", "dopri5-1e-05", 176, 900),
         ("anneal@reflow", "euler-1", 1, 200), ("anneal@reflow", "dopri5-1e-05", 40, 200),
         ("anneal@slimflow", "euler-1", 1, 200), ("anneal@slimflow", "dopri5-1e-05", 40, 200),
-        ("distill@naive-paper", "onestep", 1, 200), ("distill@naive-matched", "onestep", 1, 200),
+        ("distill@naive-paper", "onestep", 1, 200), ("distill@naive", "onestep", 1, 200),
         ("distill@fgd", "onestep", 1, 200), ("msd@ensemble", "onestep", 1, 400),
     ]:  # fmt: skip
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "params": params, "fd": fd[f"{model} {sampler}"],
@@ -147,7 +147,7 @@ def _run(tmp_path, name: str, shift: float, stepper: dict | None) -> RunData:
     fd = {"teacher euler-1": 50.0, "teacher dopri5-1e-05": 2.0, "anneal@reflow euler-1": 9.0,
           "anneal@reflow dopri5-1e-05": 4.0, "anneal@slimflow euler-1": 8.0 + shift,
           "anneal@slimflow dopri5-1e-05": 3.0 + shift, "distill@naive-paper onestep": 6.0, "distill@fgd onestep": 5.0,
-          "distill@naive-matched onestep": 4.5,
+          "distill@naive onestep": 4.5,
           "msd@ensemble onestep": 5.5}  # fmt: skip
     straight = {"teacher": 0.3, "anneal@reflow": 0.05, "anneal@slimflow": 0.04}
     return RunData(tmp_path / name, _board(fd, straight), stepper)
@@ -192,7 +192,7 @@ def test_plot_points_are_one_per_model_at_its_own_sampler(tmp_path) -> None:
     assert floor == 1.0
     chosen = dict(zip(points["model"], points["sampler"], strict=True))
     assert chosen == {"teacher": "dopri5-1e-05", "anneal@reflow": "dopri5-1e-05", "anneal@slimflow": "dopri5-1e-05",
-                      "distill@naive-paper": "onestep", "distill@naive-matched": "onestep", "distill@fgd": "onestep",
+                      "distill@naive-paper": "onestep", "distill@naive": "onestep", "distill@fgd": "onestep",
                       "msd@ensemble": "onestep"}  # fmt: skip
     slim = points[points["model"] == "anneal@slimflow"].iloc[0]
     assert slim["fd"] == pytest.approx(3.5) and slim["fd_std"] == pytest.approx(math.sqrt(0.5))  # over runs

@@ -30,7 +30,7 @@ def _sections() -> tuple[DistillSection, AnnealSection]:
 
 def test_the_paper_reading_gets_distillation_s_recipe_and_the_matched_one_the_whole_budget() -> None:
     distill, anneal = _sections()
-    paper, matched = recipe("naive-paper", distill, anneal), recipe("naive-matched", distill, anneal)
+    paper, matched = recipe("naive-paper", distill, anneal), recipe("naive", distill, anneal)
     assert (paper.steps, paper.lr, paper.warmup_steps) == (5000, 0.002, 0)
     assert (matched.steps, matched.lr, matched.warmup_steps) == (15000, 0.003, 200)
     assert recipe("fgd", distill, anneal) == distill
@@ -40,7 +40,7 @@ def test_the_paper_reading_gets_distillation_s_recipe_and_the_matched_one_the_wh
 def test_an_unknown_distill_variant_is_one_clear_line(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "stages", "distill", "naive"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert "unknown distill variant 'naive'; allowed: fgd, naive-paper, naive-matched" in out.stderr
+    assert "unknown distill variant 'naive'; allowed: fgd, naive-paper, naive" in out.stderr
 
 
 def test_verdicts_separate_effects_from_noise() -> None:

@@ -46,7 +46,7 @@ def test_every_student_is_on_the_leaderboard(smoke_repo: Path) -> None:
     for model in ("anneal@slimflow", "anneal@reflow"):
         rows = by_model.get_group(model)
         assert {"euler-1", "euler-2"} <= set(rows["sampler"]) and rows["straightness"].notna().all()
-    for model in ("distill@fgd", "distill@naive-paper", "distill@naive-matched", "msd@ensemble"):
+    for model in ("distill@fgd", "distill@naive-paper", "distill@naive", "msd@ensemble"):
         row = by_model.get_group(model)
         assert list(row["sampler"]) == ["onestep"] and list(row["nfe"]) == [1]
     teacher_params = by_model.get_group("teacher")["params"].iloc[0]
@@ -86,7 +86,7 @@ def test_mlflow_parent_with_a_child_per_stage(smoke_repo: Path) -> None:
         "anneal@reflow",
         "distill@fgd",
         "distill@naive-paper",
-        "distill@naive-matched",
+        "distill@naive",
         "msd@0",
         "msd@1",
         "router",
@@ -157,7 +157,7 @@ def test_regenerated_pairs_come_from_the_annealed_student(smoke_copy: Path) -> N
     (smoke_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = set(yaml.safe_load(run(["dvc", "status", "--json"], smoke_copy).stdout))
     assert {"pairs@regen", "distill@fgd", "msd@0", "msd@1"} <= stale  # params and deps changed
-    assert not stale & {"teacher", "pairs@teacher", "anneal@slimflow", "distill@naive-paper", "distill@naive-matched"}
+    assert not stale & {"teacher", "pairs@teacher", "anneal@slimflow", "distill@naive-paper", "distill@naive"}
 
     assert ran_stages(run(["dvc", "repro", "-s", "pairs@regen"], smoke_copy).stdout) == {"pairs@regen"}
     shard = torch.load(smoke_copy / "pairs" / "regen" / "shard-00000.pt", weights_only=True)

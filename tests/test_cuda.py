@@ -126,7 +126,7 @@ def test_smoke_stages_run_on_cuda(tmp_path: Path) -> None:
         "anneal@reflow",
         "distill@fgd",
         "distill@naive-paper",
-        "distill@naive-matched",
+        "distill@naive",
         "msd@ensemble",
     } <= set(board["model"])
     assert board["fd"].notna().all()
