@@ -69,9 +69,9 @@ class TrainSection(Section):
 
 
 class DataSection(Section):
-    dataset: Literal["digits", "toy2d", "cifar10", "npz"] = "digits"
+    dataset: Literal["digits", "mnist", "toy2d", "cifar10", "npz"] = "digits"
     path: str | None = Field(None, description="cifar10 folder or .npz file under inputs/ (see `slimstep import-data`)")
-    heldout: int = Field(360, gt=0, description="size of the held-out set (digits, npz) ")
+    heldout: int = Field(360, gt=0, description="size of the held-out set (digits, mnist, npz)")
     seed: int = Field(0, ge=0)
     toy2d_components: int = Field(8, ge=2, le=64)
     toy2d_radius: float = Field(4.0, gt=0)
