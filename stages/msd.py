@@ -44,6 +44,9 @@ def main(student: str) -> None:
         p, a, pairs = s.params.msd, s.params.anneal, Path("pairs") / s.params.distill.pair_set  # as distill@fgd
         train, teacher = load_split(DATA).train, load_model(TEACHER, s.device).net
         shape, num_classes, spec = train.shape, train.num_classes, p.net or a.net
+        if not train.conditional and len(p.students) > 1:
+            raise SystemExit(f"error: msd.students = {p.students}: MSD partitions classes and these data are "
+                             "unconditional (data/meta.json conditional: false); use msd.students: [0]")  # fmt: skip
         groups = partition_classes(num_classes, len(p.students), p.partition, class_means(train), p.partition_seed)
         torch.manual_seed(p.seed)
         net = build_net(spec, shape, num_classes).to(s.device)
