@@ -148,8 +148,10 @@ def load_npz_split(path: Path, heldout: int, seed: int) -> Split:
     if not path.is_file():
         raise FileNotFoundError(f"data.path = {path}: no such file (import one with `slimstep import-data FILE`)")
     with np.load(path, allow_pickle=False) as arrays:
-        if "images" not in arrays.files:
-            raise ValueError(f"{path}: missing array 'images' (has {arrays.files})")
+        unknown = set(arrays.files) - {"images", "labels", "class_names"}
+        if "images" not in arrays.files or unknown:
+            raise ValueError(f"{path}: has arrays {arrays.files}; allowed: images, labels (optional: without them "
+                             "the data are unconditional), class_names (optional)")  # fmt: skip
         images = arrays["images"].astype(np.float32)
         conditional = "labels" in arrays.files
         labels = arrays["labels"].astype(np.int64) if conditional else np.zeros(len(images), np.int64)

@@ -88,7 +88,7 @@ def test_flat_png_folder_runs_pairs_students_and_eval_with_fid(tmp_path: Path) -
 
     assert json.loads((repo / "data/meta.json").read_text())["conditional"] is False
     assert json.loads((repo / "models/featurizer/meta.json").read_text())["random_features"] is True
-    assert json.loads((repo / "pairs/teacher/meta.json").read_text())["labels"] == [0]
+    assert json.loads((repo / "pairs/teacher/metadata.json").read_text())["labels"] == [0]
     board = pd.read_csv(repo / "reports/leaderboard.csv")
     assert {"distill@fgd", "distill@naive", "msd@ensemble", "teacher", "real"} <= set(board["model"])
     assert board["class_acc"].isna().all()  # omitted, not a fake number
