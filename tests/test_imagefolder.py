@@ -122,12 +122,18 @@ def _cli(repo: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, 
     return result.exit_code, " ".join(result.output.split())
 
 
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A folder with the smoke params.yaml: all `import-data` reads and writes besides inputs/."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "params.yaml").write_text((Path(__file__).parents[1] / "configs/smoke.yaml").read_text())
+    return root
+
+
 def test_cli_imports_a_flat_folder_and_points_params_at_it(
-    flat_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flat_folder: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "params.yaml").write_text((Path(__file__).parents[1] / "configs/smoke.yaml").read_text())
     code, out = _cli(repo, monkeypatch, "import-data", str(flat_folder), "--size", "8")
     assert code == 0, out
     assert "30 images 3x8x8" in out and "unconditional" in out
@@ -138,11 +144,8 @@ def test_cli_imports_a_flat_folder_and_points_params_at_it(
 
 
 def test_cli_refuses_an_image_folder_without_size_and_names_bad_files(
-    flat_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flat_folder: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "params.yaml").write_text((Path(__file__).parents[1] / "configs/smoke.yaml").read_text())
     code, out = _cli(repo, monkeypatch, "import-data", str(flat_folder))
     assert code == 2 and "needs --size N" in out
     (flat_folder / "bad.jpg").write_bytes(b"nope")
