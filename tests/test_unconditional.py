@@ -107,10 +107,11 @@ def test_flat_png_folder_runs_pairs_students_and_eval_with_fid(tmp_path: Path) -
 def test_mnist_profiles_validate_and_the_data_stage_makes_28x28_digits(tmp_path: Path) -> None:
     from pipeline.config import validate_params
     from pipeline.data import build_split
+    from pipeline.profiles import render
 
-    root = Path(__file__).parents[1]
+    configs = Path(__file__).parents[1] / "configs"
     for name in ("mnist", "mnist-unet"):
-        params = validate_params(yaml.safe_load((root / f"configs/{name}.yaml").read_text()), name)
+        params = validate_params(render(name, configs), name)
         assert params.data.dataset == "mnist" and params.profile == name
     split = build_split("mnist", None, 1000, 0, {})
     assert split.train.shape == (1, 28, 28) and (len(split.train), len(split.test)) == (4000, 1000)
