@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.data import load_npz_split, load_split, save_split
 from pipeline.imagefolder import ImageFolderError, read_image_folder, write_npz
+from pipeline.profiles import render_text
 
 
 def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int] | int, mode: str = "RGB") -> None:
@@ -127,7 +128,7 @@ def repo(tmp_path: Path) -> Path:
     """A folder with the smoke params.yaml: all `import-data` reads and writes besides inputs/."""
     root = tmp_path / "repo"
     root.mkdir()
-    (root / "params.yaml").write_text((Path(__file__).parents[1] / "configs/smoke.yaml").read_text())
+    (root / "params.yaml").write_text(render_text("smoke", Path(__file__).parents[1] / "configs"))
     return root
 
 

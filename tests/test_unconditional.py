@@ -99,7 +99,7 @@ def test_flat_png_folder_runs_pairs_students_and_eval_with_fid(tmp_path: Path) -
 
     params["msd"]["students"] = [0, 1]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    refused = run(["python", "-m", "stages.msd", "1"], repo, check=False)
+    refused = run(["python", "-m", "stages", "msd", "1"], repo, check=False)
     assert refused.returncode != 0 and "MSD partitions classes" in refused.stderr
     assert len([line for line in refused.stderr.splitlines() if line.strip()]) == 1
 
