@@ -99,7 +99,7 @@ def main() -> None:
         fid_labels = ref.train_labels[torch.arange(p.fid.n_samples) % len(ref.train_labels)] if fid else None
         rows = [{"model": "real", "params": 0, "macs_per_sample": 0, **real_floor(ref, p.knn_k),
                  **(fid.score(ref.test_x) if fid else {})}]  # fmt: skip
-        grid_rows = classes if conditional else 8  # unconditional: an 8-row mosaic, no class rows
+        grid_rows = classes if conditional else 8  # unconditional: 8 x grid_per_class images in a square mosaic
         grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class) if conditional else \
             torch.zeros(grid_rows * p.grid_per_class, dtype=torch.long)
         grid_noise = torch.randn((len(grid_labels), *shape), generator=torch.Generator().manual_seed(0))
