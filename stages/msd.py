@@ -47,6 +47,9 @@ def main(student: str) -> None:
         p, a, pairs = s.params.msd, s.params.anneal, Path("pairs") / s.params.distill.pair_set  # as distill@fgd
         train, teacher = load_split(DATA).train, load_model(TEACHER, s.device).net
         shape, num_classes, spec = train.shape, train.num_classes, p.net or a.net
+        if not train.conditional and len(p.students) > 1:
+            raise UserError(f"msd.students = {p.students}: MSD partitions classes and these data are "
+                            "unconditional (data/meta.json conditional: false); use msd.students: [0]")  # fmt: skip
         if len(p.students) > num_classes:
             raise UserError(f"msd.students has {len(p.students)} students for the {num_classes} classes of "
                             f"{DATA}/meta.json; each student needs a class: list at most {num_classes}")  # fmt: skip

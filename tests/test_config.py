@@ -76,7 +76,7 @@ FIELD_ERRORS = {
     "zero steps": (set_key("teacher.steps", 0), ["teacher.steps", "= 0", "greater than 0"]),
     "ema decay >= 1": (set_key("teacher.ema_decay", 1.5), ["teacher.ema_decay", "1.5", "less than 1"]),
     "negative seed": (set_key("pairs.seed", -1), ["pairs.seed", "-1", "greater than or equal to 0"]),
-    "bad dataset": (set_key("data.dataset", "mnist"), ["data.dataset", "'mnist'", "'digits'", "'npz'"]),
+    "bad dataset": (set_key("data.dataset", "imagenet"), ["data.dataset", "'imagenet'", "'digits'", "'npz'"]),
     "bad net kind": (
         set_key("teacher.net.kind", "transformer"),
         ["teacher.net.kind", "'transformer'", "'mlp'", "'unet'"],

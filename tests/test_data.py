@@ -148,10 +148,17 @@ def test_npz_already_in_unit_range_is_kept(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.sort(np.concatenate([split.train.x, split.test.x]).ravel()), images.ravel())
 
 
-def test_npz_without_labels_names_the_missing_array(tmp_path: Path) -> None:
+def test_npz_with_unknown_arrays_names_them_and_what_is_allowed(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "bad.npz", images=np.zeros((10, 2)), targets=np.zeros(10))
-    with pytest.raises(ValueError, match=r"missing arrays \['labels'\] \(has \['images', 'targets'\]\)"):
+    with pytest.raises(ValueError, match=r"has arrays \['images', 'targets'\]; allowed: images, labels \(optional"):
         load_npz_split(path, heldout=2, seed=0)
+
+
+def test_npz_without_labels_is_unconditional_and_split_unstratified(tmp_path: Path) -> None:
+    path = write_npz(tmp_path / "flat.npz", images=np.linspace(0, 255, 10 * 2).reshape(10, 2))
+    split = load_npz_split(path, heldout=3, seed=0)
+    assert not split.train.conditional and split.train.num_classes == 1 and set(split.test.labels.tolist()) == {0}
+    assert (len(split.train), len(split.test)) == (7, 3)
 
 
 def test_npz_out_of_range_images_are_refused(tmp_path: Path) -> None:
