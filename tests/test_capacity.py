@@ -38,9 +38,9 @@ def test_the_paper_reading_gets_distillation_s_recipe_and_the_matched_one_the_wh
 
 
 def test_an_unknown_distill_variant_is_one_clear_line(tmp_path) -> None:
-    out = subprocess.run([sys.executable, "-m", "stages", "distill", "naive"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "stages", "distill", "naive-matched"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert "unknown distill variant 'naive'; allowed: fgd, naive-paper, naive" in out.stderr
+    assert "unknown distill variant 'naive-matched'; allowed: fgd, naive-paper, naive" in out.stderr
 
 
 def test_verdicts_separate_effects_from_noise() -> None:
