@@ -12,14 +12,6 @@ from pipeline.nets import NetSpec, count_macs
 MU, STD, DIM = 1.5, 0.4, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GaussianAverage(nn.Module):
     """Exact ū(x_a, a, b) of N(mean, std^2 I) data: the chord of x_s = s mean + sqrt(s^2 std^2 + (1 - s)^2) z."""
 
