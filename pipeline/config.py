@@ -208,11 +208,29 @@ class MsdSection(TrainSection):
     objective: Literal["fgd", "dmd"] = "fgd"
     net: NetSpec | None = Field(None, description="student net; default = the anneal student's")
     tsm_steps: int = Field(0, ge=0, description="Teacher Score Matching steps before distillation (0 = off)")
-    fake_lr: float = Field(1e-4, gt=0)
-    fake_updates: int = Field(1, ge=1)
+    fake_lr: float | None = Field(None, gt=0, description="dmd: fake-score net LR; null = the generator's (DMD2)")
+    fake_updates: int = Field(5, ge=1, description="dmd: fake-net updates per generator update (DMD2's TTUR)")
+    fake_grad_clip: float = Field(10.0, ge=0, description="dmd: gradient-norm clip of the fake net (0 = off)")
     regression_weight: float = Field(0.25, ge=0)
+    dm_time: Literal["karras", "uniform"] = Field(
+        "karras", description="dmd timesteps: Karras index fraction ~ U(t_min, t_max) mapped to t (DMD2), or t ~ U"
+    )
     t_min: float = Field(0.02, ge=0, le=1)
     t_max: float = Field(0.98, ge=0, le=1)
+    gan_steps: int = Field(0, ge=0, description="dmd: steps of the second phase with the GAN head on (0 = off)")
+    gan_lr: float = Field(2e-4, gt=0, lt=1, description="dmd: LR of the GAN phase (generator; fake net scaled alike)")
+    gan_d_weight: float = Field(1e-2, ge=0, description="dmd: weight of the discriminator loss in the fake-net loss")
+    gan_g_weight: float = Field(3e-3, ge=0, description="dmd: weight of the generator's adversarial loss")
+    gan_width: int = Field(256, ge=8, description="dmd: hidden width of the GAN classifier head")
+
+    _t_range = field_validator("t_max")(_not_below("t_min"))
+
+    @field_validator("gan_steps")
+    @classmethod
+    def _gan_needs_dmd(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("objective") != "dmd":
+            raise ValueError("the GAN phase belongs to objective dmd; set msd.objective: dmd or gan_steps: 0")
+        return value
 
     @field_validator("students")
     @classmethod
@@ -220,6 +238,20 @@ class MsdSection(TrainSection):
         if value != list(range(len(value))):
             raise ValueError(f"students must be 0..K-1 in order, got {value}")
         return value
+
+
+class MeanflowSection(TrainSection):
+    """MeanFlow from scratch (docs/methods.md §9); steps/batch default to the compute-matched naive student's."""
+
+    steps: Steps | None = Field(None, description="default: anneal.steps + distill.steps")
+    batch_size: BatchSize | None = Field(None, description="default: distill.batch_size")
+    lr: LearningRate = 2e-3
+    warmup_steps: WarmupSteps = 200
+    flow_fraction: float = Field(0.75, ge=0, le=1, description="share of samples with r = t (plain flow matching)")
+    time_mean: float = Field(-0.4, description="logit-normal mean of the paper's times (data 0, noise 1)")
+    time_std: float = Field(1.0, gt=0, description="logit-normal std of the paper's times")
+    weight_power: float = Field(1.0, ge=0, description="adaptive loss weight 1 / (err + c)^p; 0 = plain MSE")
+    weight_c: float = Field(1e-3, gt=0, description="c of the adaptive loss weight")
 
 
 class StepperSection(Section):
@@ -293,6 +325,7 @@ class Params(Section):
     anneal: AnnealSection = AnnealSection()
     distill: DistillSection = DistillSection()
     msd: MsdSection = MsdSection()
+    meanflow: MeanflowSection = MeanflowSection()
     eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")

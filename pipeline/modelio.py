@@ -101,7 +101,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
 
 
 # Modules that register a kind's builder when imported; load_model imports them on demand.
-PROVIDERS = {"router": "pipeline.msd", "featurizer": "pipeline.featurizer"}
+PROVIDERS = {"router": "pipeline.msd", "featurizer": "pipeline.featurizer", "meanflow": "pipeline.meanflow"}
 
 
 def load_model(directory: Path | str, device: torch.device | str = "cpu") -> LoadedModel:

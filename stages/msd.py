@@ -1,44 +1,79 @@
 """Stage `msd@<k>`: student k of K, a one-step student serving its own group of classes (docs/methods.md §5).
 
-The groups come from `msd.partition` (`kmeans` clusters the training set's mean image per class). The
-student starts from the annealed student's raw weights when it has the same net (else random init);
-`msd.tsm_steps > 0` first regresses it onto the teacher's velocity (TSM) on its own classes' real data, as
-a run with its own checkpoint. Then `fgd`: Flow-Guided Distillation with the `distill` section's guide and
-settings, or `dmd`: distribution matching against the teacher, the fake net a teacher copy, L2 regression
-on pairs. Pair terms see every pair; fresh-noise terms only the student's classes (the losses do this).
+The groups come from `msd.partition` (`kmeans` clusters the training set's mean image per class).
+`fgd`: the student starts from the annealed student's raw weights when it has the same net (else random
+init) and is trained by Flow-Guided Distillation with the `distill` section's guide and settings.
+`dmd` (DMD2): the student starts as a copy of the teacher when it has the teacher's net, else from random
+init — then `msd.tsm_steps` of Teacher Score Matching are its warm start; the fake net is a teacher copy,
+L2 regression on pairs, and `msd.gan_steps > 0` adds a second phase at `msd.gan_lr` with the GAN head on
+the fake net's features and real data of the student's classes. TSM, the DM phase and the GAN phase are
+runs with their own checkpoints. Pair terms see every pair; fresh-noise terms only the student's classes.
 """
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
 
 from pipeline.app.stage import Stage, stage
+from pipeline.config import MsdSection
 from pipeline.data import RandomBatches, class_means, load_split, of_classes
 from pipeline.errors import UserError
-from pipeline.modelio import RAW_WEIGHTS, fit_weights, load_model, load_weights, save_model
-from pipeline.msd import DMDLoss, TeacherScoreMatchingLoss, partition_classes
-from pipeline.nets import build_net, count_macs, count_params
+from pipeline.modelio import RAW_WEIGHTS, fit_weights, load_model, load_weights, read_meta, save_model
+from pipeline.msd import DMDLoss, FeatureDiscriminator, TeacherScoreMatchingLoss, partition_classes
+from pipeline.nets import NetSpec, build_net, count_macs, count_params
 from pipeline.pairs import PairStream
 from pipeline.slimflow import FlowGuidedDistillationLoss
+from pipeline.training import learning_rate
 
 DATA, TEACHER, ANNEALED = Path("data"), Path("models/teacher"), Path("models/anneal@slimflow")
 # The `distill` keys an `fgd` student uses (its guide); dvc.yaml lists exactly these for msd@*.
 GUIDE_KEYS = {"guide", "guide_steps", "s_min", "s_max", "distance", "huber_c", "lpips_weights", "guidance_weight"}
 
 
-def objective(s: Stage, teacher: torch.nn.Module, classes: list[int]) -> FlowGuidedDistillationLoss | DMDLoss:
-    p, d = s.params.msd, s.params.distill
-    if p.objective == "dmd":
-        return DMDLoss(
-            teacher, copy.deepcopy(teacher), p.fake_lr, classes, t_min=p.t_min, t_max=p.t_max,
-            fake_updates=p.fake_updates, regression_weight=p.regression_weight,
-        )  # fmt: skip
+def dmd_objective(s: Stage, teacher: torch.nn.Module, classes: list[int], real: RandomBatches) -> DMDLoss:
+    """DMD2 with the fake net's LR following the generator's schedule, scaled by fake_lr / lr."""
+    p = s.params.msd
+    fake_net = copy.deepcopy(teacher)
+    head = FeatureDiscriminator(fake_net, real.x[:1].to(s.device), p.gan_width).to(s.device) if p.gan_steps else None
+    loss = DMDLoss(
+        teacher, fake_net, 0.0, classes, t_min=p.t_min, t_max=p.t_max, fake_updates=p.fake_updates,
+        regression_weight=p.regression_weight, fake_grad_clip=p.fake_grad_clip, dm_time=p.dm_time,
+        discriminator=head, real=real if head else None, gan_d_weight=p.gan_d_weight, gan_g_weight=p.gan_g_weight,
+    )  # fmt: skip
+    follow_generator(loss, p)
+    return loss
+
+
+def follow_generator(loss: DMDLoss, settings: MsdSection) -> None:
+    """Fake-net LR at each step: the generator's under `settings` times fake_lr / lr (DMD2: equal, ratio 1)."""
+    ratio = (settings.fake_lr or settings.lr) / settings.lr
+    loss.fake_lr = lambda step: ratio * learning_rate(step, settings)
+
+
+def fgd_objective(s: Stage, teacher: torch.nn.Module, classes: list[int]) -> FlowGuidedDistillationLoss:
+    d = s.params.distill
     guide = load_model(ANNEALED, s.device).net if d.guide == "anneal" else teacher
     return FlowGuidedDistillationLoss(
         guide, classes=classes, s_min=d.s_min, s_max=d.s_max, distance=d.distance, guidance_weight=d.guidance_weight,
         guide_steps=d.guide_steps, huber_c=d.huber_c, lpips_weights=d.lpips_weights,
     )  # fmt: skip
+
+
+def initialise(s: Stage, net: torch.nn.Module, spec: NetSpec, teacher_spec: NetSpec) -> str:
+    """Load the student's starting weights; returns where it started (recorded in its metrics)."""
+    if s.params.msd.objective == "dmd":
+        if spec == teacher_spec:
+            fit_weights(net, load_weights(TEACHER), TEACHER)
+            return "teacher"
+        print(f"msd: the dmd student's net differs from the teacher's, so it starts from random init "
+              f"(+ {s.params.msd.tsm_steps} TSM steps)", file=sys.stderr)  # fmt: skip
+        return "random"
+    if spec == s.params.anneal.net:
+        fit_weights(net, load_weights(ANNEALED, RAW_WEIGHTS), ANNEALED / RAW_WEIGHTS)
+        return "anneal@slimflow"
+    return "random"
 
 
 def main(student: str) -> None:
@@ -56,22 +91,34 @@ def main(student: str) -> None:
         groups = partition_classes(num_classes, len(p.students), p.partition, class_means(train), p.partition_seed)
         torch.manual_seed(p.seed)
         net = build_net(spec, shape, num_classes).to(s.device)
-        if spec == a.net:
-            fit_weights(net, load_weights(ANNEALED, RAW_WEIGHTS), ANNEALED / RAW_WEIGHTS)
-        key, inputs, metrics = {"classes": groups[k], "msd": p.model_dump()}, [DATA, TEACHER, ANNEALED], {}
+        teacher_spec = NetSpec.model_validate(read_meta(TEACHER)["net"])
+        key, inputs = {"classes": groups[k], "msd": p.model_dump()}, [DATA, TEACHER, ANNEALED]
+        metrics: dict = {"init": initialise(s, net, spec, teacher_spec)}
+        own = of_classes(train, groups[k])
         if p.tsm_steps:
             tsm = p.model_copy(update={"steps": p.tsm_steps})
-            batches = RandomBatches(of_classes(train, groups[k]), tsm.batch_size, tsm.seed, s.device)
+            batches = RandomBatches(own, tsm.batch_size, tsm.seed, s.device)
             result = s.train(net, TeacherScoreMatchingLoss(teacher, groups[k]), batches, tsm, {"tsm": key}, inputs)
             metrics["tsm_final_loss"] = sum(result.losses[-100:]) / len(result.losses[-100:])
         batches = PairStream(pairs, p.batch_size, p.seed, s.device)
         section = {"distill": s.params.distill.model_dump(include=GUIDE_KEYS), **key}
-        result = s.train(net, objective(s, teacher, groups[k]), batches, p, section, [*inputs, pairs])
+        if p.objective == "dmd":
+            loss = dmd_objective(s, teacher, groups[k], RandomBatches(own, p.batch_size, p.seed + 1, s.device))
+        else:
+            loss = fgd_objective(s, teacher, groups[k])
+        result = s.train(net, loss, batches, p, section, [*inputs, pairs])
+        metrics["final_loss"] = sum(result.losses[-100:]) / len(result.losses[-100:])
+        if p.objective == "dmd" and p.gan_steps:
+            gan = p.model_copy(update={"steps": p.gan_steps, "lr": p.gan_lr, "warmup_steps": 0})
+            loss.gan_on = True  # type: ignore[union-attr]
+            follow_generator(loss, gan)  # type: ignore[arg-type]
+            result = s.train(net, loss, batches, gan, {"gan": section}, [*inputs, pairs])
+            metrics["gan_final_loss"] = sum(result.losses[-100:]) / len(result.losses[-100:])
         save_model(Path(f"models/msd/{k}"), result.ema.cpu(), {
             "stage": f"msd@{k}", "kind": "onestep", "net": spec.model_dump(), "data_shape": list(shape),
             "num_classes": num_classes, "classes": groups[k], "partition": p.partition, "objective": p.objective,
         })  # fmt: skip
         s.write_metrics({
-            **metrics, "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]), "classes": groups[k],
+            **metrics, "classes": groups[k],
             "params": count_params(net), "macs": count_macs(net, shape, num_classes),
         })  # fmt: skip

@@ -90,6 +90,7 @@ def test_mlflow_parent_with_a_child_per_stage(smoke_repo: Path) -> None:
         "msd@0",
         "msd@1",
         "router",
+        "meanflow",
         "eval",
     }
     assert steps >= 2  # per-step loss curves were logged

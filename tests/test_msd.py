@@ -3,21 +3,28 @@
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import TrainSection
+from pipeline.data import Dataset, RandomBatches
 from pipeline.flow import EPS, Batch, RectifiedFlowLoss, expand_time, interpolate, sample_time
 from pipeline.modelio import load_model
 from pipeline.msd import (
     DMDLoss,
+    FeatureDiscriminator,
     Router,
     TeacherScoreMatchingLoss,
+    karras_time,
     load_router,
     partition_classes,
     save_router,
 )
+from pipeline.msd.losses import discriminator_loss, dm_times, generator_gan_loss
 from pipeline.nets import NetSpec, build_net
+from pipeline.training import train
 
 TINY = NetSpec(kind="mlp", width=32, depth=2, emb_dim=8)
 
@@ -170,12 +177,7 @@ def test_tsm_training_closes_the_velocity_gap_on_held_out_noise() -> None:
 
     def gap() -> float:
         with torch.no_grad():
-            return (
-                (student(held_xt, held_t, held_label) - teacher(held_xt, held_t, held_label))
-                .pow(2)
-                .mean()
-                .item()
-            )
+            return (student(held_xt, held_t, held_label) - teacher(held_xt, held_t, held_label)).pow(2).mean().item()
 
     before = gap()
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
@@ -242,9 +244,7 @@ def _dmd(**kwargs) -> tuple[Affine, torch.optim.Optimizer, DMDLoss]:
     )
 
 
-def _train(
-    generator: nn.Module, optimizer: torch.optim.Optimizer, loss: DMDLoss, steps: int, start: int = 0
-) -> None:
+def _train(generator: nn.Module, optimizer: torch.optim.Optimizer, loss: DMDLoss, steps: int, start: int = 0) -> None:
     for step in range(start, start + steps):
         value = loss(generator, _pairs(256), step)
         optimizer.zero_grad()
@@ -319,6 +319,141 @@ def test_dmd_resumes_exactly_from_its_state_dict() -> None:
     assert torch.equal(resumed_loss.fake_net.mean, loss.fake_net.mean)
 
 
-def test_dmd_gan_head_is_not_implemented() -> None:
-    with pytest.raises(NotImplementedError, match="GAN"):
-        _dmd(gan={"weight": 1e-2})
+# DMD2's timesteps, DM direction on shifted Gaussians, GAN head and losses.
+
+
+def test_karras_indices_map_to_the_rectified_flow_times_of_their_noise_levels() -> None:
+    u = torch.tensor([0.0, 0.02, 0.5, 0.98, 1.0], dtype=torch.float64)
+    t = karras_time(u)
+    sigma = (80 ** (1 / 7) + u * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    torch.testing.assert_close(t, 1 / (1 + sigma))
+    assert t[1].item() == pytest.approx(0.0138, abs=1e-4) and t[3].item() == pytest.approx(0.9968, abs=1e-4)
+    assert t[2].item() == pytest.approx(0.2845, abs=1e-3) and bool((t.diff() > 0).all())
+    # A VE state x + sigma n, divided by 1 + sigma, is exactly the RF state at t = 1 / (1 + sigma).
+    x, n = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close((x + sigma[:, None] * n) / (1 + sigma[:, None]), interpolate(x, n, t))
+
+
+def _denoised(mean: float, std: float, x_t: Tensor, t: Tensor) -> Tensor:
+    """E[x | x_t] for data N(mean, std^2 I): mean + t std^2 / (t^2 std^2 + (1 - t)^2) (x_t - t mean)."""
+    t = expand_time(t, x_t)
+    return mean + t * std**2 / (t**2 * std**2 + (1 - t) ** 2) * (x_t - t * mean)
+
+
+@pytest.mark.parametrize("dm_time", ["karras", "uniform"])
+def test_dm_direction_points_from_the_fake_towards_the_real_gaussian_exactly(dm_time: str) -> None:
+    teacher, fake = GaussianFlow(MU, STD), GaussianFlow(MU - 1.0, STD)
+    loss = DMDLoss(teacher, fake, 1e-3, [0], regression_weight=0.0, dm_time=dm_time)  # type: ignore[arg-type]
+    x, label = MU + STD * torch.randn(256, DIM, dtype=torch.float64), torch.zeros(256, dtype=torch.long)
+    torch.manual_seed(5)
+    g = loss.direction(x, label)
+    torch.manual_seed(5)  # the same timesteps and noise, by hand
+    t = dm_times(256, dm_time, 0.02, 0.98, x)  # type: ignore[arg-type]
+    x_t = interpolate(x, torch.randn_like(x), t)
+    real, fake_x = _denoised(MU, STD, x_t, t), _denoised(MU - 1.0, STD, x_t, t)
+    expected = (fake_x - real) / expand_time((x - real).abs().mean(1) + 1e-6, x)
+    torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-6)
+    assert bool((g < 0).all()), "fake mean below the real one: x - g moves every coordinate up, towards MU"
+
+
+def test_discriminator_loss_is_minimised_by_the_log_density_ratio() -> None:
+    """Real N(1, 1) vs fake N(-1, 1): the optimal logit is log p_real / p_fake = 2x."""
+    torch.manual_seed(0)
+    head = nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(head.parameters(), lr=5e-2)
+    for _ in range(400):
+        real, fake = 1 + torch.randn(4096, 1), -1 + torch.randn(4096, 1)
+        value = discriminator_loss(head(real).squeeze(1), head(fake).squeeze(1))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    assert head.weight.item() == pytest.approx(2.0, abs=0.1) and head.bias.item() == pytest.approx(0.0, abs=0.1)
+
+
+def test_generator_gan_loss_moves_the_fake_towards_the_real_under_the_optimal_discriminator() -> None:
+    torch.manual_seed(0)
+    shift = torch.tensor(-1.0, requires_grad=True)  # fake N(shift, 1) vs real N(1, 1): D*(x) = 2 x (shift = -1)
+    fake = shift + torch.randn(8192)
+    generator_gan_loss(2 * fake).backward()
+    # d/dshift E softplus(-2 x) = -2 E sigmoid(-2 x) < 0: raising the fake mean lowers the loss.
+    assert shift.grad.item() == pytest.approx(-2 * torch.sigmoid(-2 * fake.detach()).mean().item(), rel=1e-5)
+    assert shift.grad.item() < -1.0
+
+
+def test_feature_discriminator_reads_the_fake_nets_output_layer_input_and_nothing_else() -> None:
+    torch.manual_seed(0)
+    fake = build_net(TINY, (2,), 3)
+    head = FeatureDiscriminator(fake, torch.zeros(1, 2), width=16)
+    assert head.classifier[0].in_features == TINY.width
+    assert not any(name.startswith("_fake") for name in head.state_dict()), "the head saves only itself"
+    x, t, label = torch.randn(8, 2), torch.rand(8), torch.arange(8) % 3
+    fake(x, t, label)
+    assert head._features == [], "plain calls of the fake net keep no features"
+    seen = []
+    fake.layers[-1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    logits = head.logits(x, t, label)
+    torch.testing.assert_close(logits, head.classifier(seen[-1]).squeeze(1))
+    assert logits.shape == (8,)
+
+
+class PairBatches:
+    """Endless Gaussian teacher pairs; batch k depends only on k, so resuming needs just the step."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def __next__(self) -> Batch:
+        z = torch.randn(32, DIM, generator=torch.Generator().manual_seed(self.step))
+        self.step += 1
+        return Batch(x=MU + STD * z, label=torch.zeros(32, dtype=torch.long), z=z)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = state["step"]
+
+
+def _gan_dmd(gan_on: bool) -> tuple[nn.Module, DMDLoss]:
+    torch.manual_seed(0)
+    teacher = build_net(TINY, (DIM,), 1)
+    data = Dataset(x=(MU + STD * torch.randn(512, DIM)).numpy(), labels=np.zeros(512, dtype=np.int64), num_classes=1)
+    fake = copy.deepcopy(teacher)
+    loss = DMDLoss(
+        teacher, fake, 1e-3, [0], regression_weight=0.25, fake_updates=2,
+        discriminator=FeatureDiscriminator(fake, torch.zeros(1, DIM), width=16), real=RandomBatches(data, 32, 1),
+    )  # fmt: skip
+    loss.gan_on = gan_on
+    return build_net(TINY, (DIM,), 1), loss
+
+
+def test_gan_phase_adds_both_adversarial_terms_and_trains_the_head() -> None:
+    generator, loss = _gan_dmd(gan_on=False)
+    before = copy.deepcopy(loss.discriminator.state_dict())
+    loss(generator, _pairs(32))
+    assert set(loss.last_metrics) == {"dm_loss", "reg_loss", "fake_loss"}
+    assert all(torch.equal(v, loss.discriminator.state_dict()[k]) for k, v in before.items()), "head off: untouched"
+    loss.gan_on = True
+    value = loss(generator, _pairs(32))
+    assert {"d_loss", "g_loss"} <= set(loss.last_metrics)
+    assert not all(torch.equal(v, loss.discriminator.state_dict()[k]) for k, v in before.items())
+    loss.fake_optimizer.zero_grad(set_to_none=True)  # what its own updates left behind
+    value.backward()
+    assert all(p.grad is None for p in loss.fake_net.parameters()), "the generator's loss leaves the fake net alone"
+
+
+def test_killed_gan_phase_resumes_to_bit_identical_weights(tmp_path) -> None:
+    settings = TrainSection(steps=8, batch_size=32, lr=1e-3, seed=0, checkpoint_every=2, log_every=4, amp=False)
+
+    def run(stop_after: int | None, checkpoint) -> tuple[nn.Module, DMDLoss]:
+        generator, loss = _gan_dmd(gan_on=True)
+        result = train(generator, loss, PairBatches(), settings, checkpoint=checkpoint, stop_after=stop_after)
+        return result.ema, loss
+
+    clean_ema, clean_loss = run(None, None)
+    run(4, tmp_path / "ckpt.pt")  # killed halfway
+    resumed_ema, resumed_loss = run(None, tmp_path / "ckpt.pt")
+    for a, b in [(clean_ema, resumed_ema), (clean_loss.fake_net, resumed_loss.fake_net),
+                 (clean_loss.discriminator, resumed_loss.discriminator)]:  # fmt: skip
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert clean_loss.fake_optimizer.state_dict()["state"][0]["step"] == 8 * 2

@@ -46,8 +46,8 @@ def test_sample_command_samples_the_ensemble(smoke_repo: Path, tmp_path: Path) -
     assert sorted(arrays["labels"]) == list(range(10))
 
 
-def test_dmd_students_with_tsm_resume_after_a_kill_and_match_a_clean_run(smoke_copy: Path) -> None:
-    msd = {"objective": "dmd", "tsm_steps": 20, "steps": 20, "partition": "kmeans", "partition_seed": 1}
+def test_dmd_students_with_tsm_and_gan_resume_after_a_kill_and_match_a_clean_run(smoke_copy: Path) -> None:
+    msd = {"objective": "dmd", "tsm_steps": 20, "steps": 20, "gan_steps": 6, "partition": "kmeans", "partition_seed": 1}
     for key, value in msd.items():
         edit_params(smoke_copy, "msd", key, value)
     marker = smoke_copy / "fail-once"
@@ -68,4 +68,5 @@ def test_dmd_students_with_tsm_resume_after_a_kill_and_match_a_clean_run(smoke_c
     for k, group in enumerate(groups):
         metrics = json.loads((smoke_copy / f"metrics/msd-{k}.json").read_text())
         assert metrics["classes"] == group and metrics["tsm_final_loss"] > 0 and metrics["final_loss"] > 0
+        assert metrics["gan_final_loss"] > 0 and metrics["init"] == "random"  # smoke's student is not the teacher
         assert json.loads((smoke_copy / f"models/msd/{k}/meta.json").read_text())["objective"] == "dmd"

@@ -1,4 +1,4 @@
-"""Multi-Student Distillation (docs/methods.md §5): class partitions, the router, TSM and DMD losses.
+"""Multi-Student Distillation (docs/methods.md §5): class partitions, the router, TSM and DMD2 losses.
 
 K small one-step students each serve a disjoint group of classes; the Router sends every sample to its
 owner, so the ensemble is still one network call per sample. Per-student objectives: Teacher Score
@@ -7,17 +7,19 @@ Matching (the warm start small students need), Distribution Matching Distillatio
 registers the "router" builder with `pipeline.modelio`.
 """
 
-from pipeline.msd.losses import DMDLoss, TeacherScoreMatchingLoss
+from pipeline.msd.losses import DMDLoss, FeatureDiscriminator, TeacherScoreMatchingLoss, karras_time
 from pipeline.msd.partition import PARTITION_METHODS, PartitionMethod, check_partition, partition_classes
 from pipeline.msd.router import Router, load_router, save_router
 
 __all__ = [
     "PARTITION_METHODS",
     "DMDLoss",
+    "FeatureDiscriminator",
     "PartitionMethod",
     "Router",
     "TeacherScoreMatchingLoss",
     "check_partition",
+    "karras_time",
     "load_router",
     "partition_classes",
     "save_router",

@@ -1,0 +1,42 @@
+"""Stage `meanflow`: the one-step model a user could train instead of distilling (docs/methods.md §9).
+
+A MeanFlow net at the student's size (`anneal.net`, plus an embedding of the second time) from random
+init on the training data — no teacher, no pairs — with the compute-matched naive student's steps and
+batch (`anneal.steps + distill.steps`, `distill.batch_size`) unless `meanflow.steps` / `batch_size` say
+otherwise. Saved as kind `meanflow`: loaded as a velocity model whose one-step sample is the MeanFlow map.
+"""
+
+from pathlib import Path
+
+import torch
+
+from pipeline.app.stage import stage
+from pipeline.data import RandomBatches, load_split
+from pipeline.meanflow import MeanFlowLoss, MeanFlowNet
+from pipeline.modelio import save_model
+from pipeline.nets import count_macs, count_params
+
+DATA = Path("data")
+
+
+def main() -> None:
+    with stage("meanflow", ["meanflow"]) as s:
+        p, a, d = s.params.meanflow, s.params.anneal, s.params.distill
+        settings = p.model_copy(
+            update={"steps": p.steps or a.steps + d.steps, "batch_size": p.batch_size or d.batch_size}
+        )
+        train = load_split(DATA).train
+        shape, classes = train.shape, train.num_classes
+        torch.manual_seed(settings.seed)
+        net = MeanFlowNet(a.net, shape, classes).to(s.device)
+        loss = MeanFlowLoss(p.flow_fraction, p.time_mean, p.time_std, p.weight_power, p.weight_c)
+        batches = RandomBatches(train, settings.batch_size, settings.seed, s.device)
+        result = s.train(net, loss, batches, settings, {"net": a.net.model_dump(), **settings.model_dump()}, [DATA])
+        save_model(Path("models/meanflow"), result.ema.cpu(), {
+            "stage": "meanflow", "kind": "meanflow", "net": a.net.model_dump(), "data_shape": list(shape),
+            "num_classes": classes, "steps": settings.steps,
+        })  # fmt: skip
+        s.write_metrics({
+            "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]), "steps": settings.steps,
+            "batch_size": settings.batch_size, "params": count_params(net), "macs": count_macs(net, shape, classes),
+        })  # fmt: skip
