@@ -46,6 +46,17 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of each gradient over the DDP ranks (what DDP does for the module it wraps), for nets trained
+    outside it: DMD's fake net and GAN head update inside the loss, so each rank must take the same step."""
+    if world_size() < 2:
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world_size()
+
+
 def rank_rows(n: int) -> slice:
     """This rank's rows of a global batch of n (all of them without DDP): every rank draws the same global
     batch from the same seed and keeps its own share, so W ranks train on what one process would."""

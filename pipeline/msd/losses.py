@@ -23,6 +23,7 @@ from pipeline.flow import (
     one_step,
     sample_time,
 )
+from pipeline.runtime import average_gradients
 from pipeline.slimflow import Distance, make_distance
 
 # EDM's noise range and Karras' rho: the schedule DMD2 draws its DM timesteps from (as indices 2 %-98 %).
@@ -233,6 +234,7 @@ class DMDLoss:
                 loss = loss + self.gan_d_weight * d_loss
             self.fake_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(self.fake_params)  # under DDP every rank's fake net takes the same step
             if self.fake_grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.fake_params, self.fake_grad_clip, foreach=True)
             self.fake_optimizer.step()
