@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.flow import Batch, SampleResult, VelocityFn, parse_sampler, sample
+from pipeline.progress import Progress
 from pipeline.runtime import rank_rows
 
 FORMAT_VERSION = 1
@@ -186,7 +185,8 @@ def generate_pairs(
     # Generate.
     solve = solver_fn or (lambda v_, z_, y_: sample(v_, z_, y_, sampler))
     n_done = sum(entry["n"] for entry in kept)
-    bar = tqdm(total=n_pairs, initial=n_done, unit="pair", disable=not (progress and sys.stderr.isatty()))
+    every = max(solve_batch, n_pairs // 10)
+    bar = Progress(n_pairs, f"pairs ({sampler})", unit="pair", initial=n_done, every=every, enabled=progress)
     started = time.perf_counter()
     for index in range(len(kept), len(sizes)):
         start = index * shard_size
