@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -123,7 +124,8 @@ def repro(
     if profile_name:
         profile(profile_name, force=False)
     params = validate_or_exit()
-    parent = tracking.start_pipeline_run(f"repro-{params.profile}", {"slimstep.profile": params.profile})
+    name = f"{params.profile} · repro {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    parent = tracking.start_pipeline_run(name, {"slimstep.profile": params.profile, "slimstep.source": "repro"})
     env = {**os.environ, **({tracking.PARENT_ENV: parent} if parent else {})}
     code = subprocess.run(["dvc", "repro", *(targets or [])], env=env).returncode
     if code == 0 and parent:
@@ -164,8 +166,8 @@ def sample(
 
     from pipeline.flow import parse_sampler
     from pipeline.flow import sample as run_sampler
+    from pipeline.grids import sample_grid
     from pipeline.modelio import load_model
-    from pipeline.plots import sample_grid
 
     folder = Path(model) if Path(model).is_dir() else Path("models") / model
     try:

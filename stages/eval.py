@@ -17,10 +17,11 @@ from pipeline.evaluation import (
     group_quality,
     real_floor,
 )
-from pipeline.flow import sample
+from pipeline.flow import parse_sampler, sample
+from pipeline.grids import sample_grid
 from pipeline.modelio import load_model, model_hash
 from pipeline.nets import count_macs, count_params
-from pipeline.plots import quality_vs_nfe, sample_grid
+from pipeline.plots import Panel, quality_vs_nfe, side_by_side
 
 REPORTS, MODELS = Path("reports"), Path("models")
 COLUMNS = ["model", "sampler", "nfe", "params", "macs_per_sample", "fd", "fd_std", "fd_heldout", "fd_heldout_std",
@@ -80,6 +81,7 @@ def main() -> None:
         grid_labels = torch.arange(classes).repeat_interleave(p.grid_per_class)
         grid_noise = torch.randn((len(grid_labels), *shape), generator=torch.Generator().manual_seed(0))
         (REPORTS / "grids").mkdir(parents=True, exist_ok=True)
+        panels = []
         for directory in model_dirs():
             model = load_model(directory, s.device)
             net, meta = model.net, model.meta
@@ -101,6 +103,11 @@ def main() -> None:
             grid_path = REPORTS / "grids" / f"{meta['stage'].replace('@', '-')}.png"
             sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})")
             s.tracker.log_artifact(grid_path, "grids")
+            shown = parse_sampler(grid_sampler).name
+            fd = next((r["fd"] for r in rows if r["model"] == meta["stage"] and r["sampler"] == shown), None)
+            panels.append(Panel(meta["stage"], grid_sampler, float("nan") if fd is None else fd, grid))
+        side_by_side(panels, grid_labels, classes, REPORTS / "grids" / "all_models.png")
+        s.tracker.log_artifact(REPORTS / "grids" / "all_models.png", "grids")
 
         write_msd_groups(ref, noise, s.device)
         write_stepper_transfer(ref, noise, s.device)

@@ -60,6 +60,7 @@ def main(student: str) -> None:
         batches = PairStream(pairs, p.batch_size, p.seed, s.device)
         section = {"distill": s.params.distill.model_dump(include=GUIDE_KEYS), **key}
         result = s.train(net, objective(s, teacher, groups[k]), batches, p, section, [*inputs, pairs])
+        s.log_samples(result.ema, list(shape), num_classes, classes=list(groups[k]))
         save_model(Path(f"models/msd/{k}"), result.ema.cpu(), {
             "stage": f"msd@{k}", "kind": "onestep", "net": spec.model_dump(), "data_shape": list(shape),
             "num_classes": num_classes, "classes": groups[k], "partition": p.partition, "objective": p.objective,

@@ -308,7 +308,7 @@ def slimstep_flow(
         parent = None
         if tracking.enabled():
             tracking.ensure_store()  # once, before stages fan out (concurrent creation half-migrates SQLite)
-            parent = tracking.start_pipeline_run(f"flow-{params.profile}", {
+            parent = tracking.start_pipeline_run(f"{params.profile} · {flow_run.get_name() or 'flow'}", {
                 "slimstep.profile": params.profile, "slimstep.orchestrator": "prefect",
                 "slimstep.targets": ",".join(targets or []) or "all",
                 "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or "",

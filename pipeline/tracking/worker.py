@@ -1,6 +1,6 @@
 """The MLflow helper process behind `tracking.BackgroundTracker`: reads JSON lines on stdin, logs them in order.
 
-First line: {"op": "start", "stage", "params", "tags"}; then "metrics", "params", "tags", "artifact"; last
+First line: {"op": "start", "stage", "params", "tags", "start_time"}; then "metrics", "params", "tags", "artifact"; last
 {"op": "end", "status"}. End of input without "end" means the stage died: the run is marked FAILED.
 """
 
@@ -25,7 +25,7 @@ def main() -> None:
     start = next(lines, None)
     if start is None or start["op"] != "start":
         return
-    tracker = tracking.open_stage_run(start["stage"], start["params"], start["tags"])
+    tracker = tracking.open_stage_run(start["stage"], start["params"], start["tags"], start.get("start_time"))
     status = "FAILED"
     for message in lines:
         op = message["op"]
