@@ -252,17 +252,29 @@ def run_flow(
     pull: Annotated[bool, typer.Option(help="`dvc repro --pull`: fetch missing inputs from the remote")] = False,
     push: Annotated[bool, typer.Option(help="`dvc push --run-cache` after each stage")] = False,
     register: Annotated[bool, typer.Option(help="register the one-step student and MSD router")] = True,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE for this run only (repeatable), e.g. teacher.lr=0.002: runs as an "
+                     "experiment in scratch/experiments/<run>, params.yaml untouched"),
+    ] = None,  # fmt: skip
 ) -> None:
     """Run the DAG as a Prefect flow: parallel where dvc.yaml allows, one device slot per stage."""
-    if profile_name:
+    from pipeline.orchestration.experiments import OverrideError, parse_assignments
+
+    try:
+        changes = parse_assignments(overrides or [])
+    except OverrideError as exc:
+        _fail(str(exc))
+    if profile_name and not changes:
         profile(profile_name, force=False)
     validate_or_exit()
     from pipeline.orchestration.flow import PipelineError, slimstep_flow
 
     try:
         result = slimstep_flow(
-            targets=_targets(targets), gpus=gpus, slots=slots, threads=threads, retries=retries, pull=pull,
-            push=push, register_models=register, root=str(Path.cwd()),
+            profile=profile_name if changes and profile_name else "current", targets=_targets(targets),
+            overrides=changes or None, gpus=-1 if gpus is None else gpus, slots=slots or 0, threads=threads or 0,
+            retries=retries, pull=pull, push=push, register_models=register, root=str(Path.cwd()),
         )  # fmt: skip
     except (PipelineError, ValueError) as exc:
         _fail(str(exc), code=1)
