@@ -17,7 +17,7 @@ from torch import Tensor  # noqa: E402
 
 from pipeline.grids import draw_grid, save_figure  # noqa: E402
 
-DODGE = 0.035  # decades of NFE between models plotted at the same NFE (one-step models all sit at 1)
+DODGE = 0.05  # decades of NFE between models plotted at the same NFE (one-step models all sit at 1)
 
 
 def _marker_area(params: pd.Series | np.ndarray, largest: float) -> np.ndarray:
@@ -51,7 +51,9 @@ def quality_vs_nfe(board: pd.DataFrame, path: Path, floor: float | None = None) 
         ax.errorbar(group["x"], group["fd"], yerr=group["fd_std"].fillna(0), fmt="none", ecolor="grey", lw=0.8)
         if model == "teacher":
             for x, fd, sampler in zip(group["x"], group["fd"], group["sampler"], strict=True):
-                ax.annotate(sampler, (x, fd), xytext=(11, 7), textcoords="offset points", fontsize=7, color="0.25")
+                ax.annotate(sampler, (x, fd), xytext=(0, -16), textcoords="offset points", fontsize=7, ha="center",
+                            color="0.15", zorder=5, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                                          "alpha": 0.8})  # fmt: skip
     if floor is not None and floor > 0:
         ax.axhline(floor, ls="--", c="k", lw=0.8, label="real-data floor")
     ax.set_xscale("log")

@@ -64,6 +64,21 @@ def write_stepper_transfer(ref: Reference, noise: list[torch.Tensor], device: to
     atomic_write_text(REPORTS / "stepper_transfer.csv", table.to_csv(index=False, float_format="%.6g"))
 
 
+def side_panel(
+    net: torch.nn.Module, name: str, grid_sampler: str, grid: torch.Tensor, rows: list[dict], noise: torch.Tensor,
+    labels: torch.Tensor, device: torch.device,
+) -> Panel:  # fmt: skip
+    """The model's panel in the side-by-side image: a sampler the leaderboard measured, so its FD is in the title.
+
+    The grid's own sampler when it was evaluated, else the model's best-FD evaluated sampler (sampled anew)."""
+    measured = {r["sampler"]: r["fd"] for r in rows if r["model"] == name}
+    if parse_sampler(grid_sampler).name in measured or not measured:
+        return Panel(name, grid_sampler, measured.get(parse_sampler(grid_sampler).name, float("nan")), grid)
+    best = min(measured, key=measured.get)
+    x = sample(net, noise.to(device), labels.to(device), best).x.cpu()
+    return Panel(name, best, measured[best], x)
+
+
 def model_dirs() -> list[Path]:
     """Every generative model on disk, the teacher first."""
     dirs = [d for d in sorted(MODELS.iterdir()) if (d / "meta.json").exists() and d.name != "featurizer"]
@@ -103,9 +118,7 @@ def main() -> None:
             grid_path = REPORTS / "grids" / f"{meta['stage'].replace('@', '-')}.png"
             sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})")
             s.tracker.log_artifact(grid_path, "grids")
-            shown = parse_sampler(grid_sampler).name
-            fd = next((r["fd"] for r in rows if r["model"] == meta["stage"] and r["sampler"] == shown), None)
-            panels.append(Panel(meta["stage"], grid_sampler, float("nan") if fd is None else fd, grid))
+            panels.append(side_panel(net, meta["stage"], grid_sampler, grid, rows, grid_noise, grid_labels, s.device))
         side_by_side(panels, grid_labels, classes, REPORTS / "grids" / "all_models.png")
         s.tracker.log_artifact(REPORTS / "grids" / "all_models.png", "grids")
 
