@@ -171,3 +171,22 @@ def test_run_with_an_override_through_the_deployment(smoke_copy: Path, prefect_a
     assert tags["mlflow.runName"] == f"smoke · {flow_run.name}"
     shown = run([str(BIN / "python"), "-m", "dvc", "exp", "show", "--json"], smoke_copy).stdout
     assert tags.get("slimstep.dvc_experiment") and tags["slimstep.dvc_experiment"] in shown
+
+
+def test_dag_read_is_cached_per_dvc_yaml_and_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.orchestration import dag
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    calls: list[list[str]] = []
+
+    def fake_dvc(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, 'strict digraph {\n"a";\n"b";\n"a" -> "b";\n}\n', "")
+
+    monkeypatch.setattr(dag.subprocess, "run", fake_dvc)
+    first, second = dag.read_graph(tmp_path), dag.read_graph(tmp_path)
+    assert first == second and first.upstream["b"] == {"a"} and len(calls) == 1
+    (tmp_path / "params.yaml").write_text("a: 2\n")  # foreach expansions may change: ask DVC again
+    dag.read_graph(tmp_path)
+    assert len(calls) == 2
