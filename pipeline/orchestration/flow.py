@@ -320,12 +320,12 @@ def slimstep_flow(
 
     Args:
         profile: Parameter set to start from: `current` keeps params.yaml as it is; a profile name switches
-            to configs/<name>.yaml first (in the experiment's own workspace when there are overrides).
+            to that configs/ file first (in the experiment's own workspace when there are overrides).
         targets: Stages to bring up to date, with everything upstream of them; empty = the whole DAG.
             A group name (`distill`) means all its stages (`distill@fgd`, `distill@naive`).
         overrides: Parameters to change for this run only, as dotted keys of params.yaml, e.g.
             {"teacher.lr": 0.002, "distill.steps": 400}. Checked against the schema before anything runs;
-            the run then happens in its own git worktree (scratch/experiments/<run name>) sharing the DVC
+            the run then happens in its own git worktree (scratch/experiments/RUN-NAME) sharing the DVC
             cache, so the checkout's params.yaml is never touched, and is saved as a DVC experiment.
         gpus: Use the first N GPUs; 0 = CPU only; -1 = every GPU found.
         slots: Stages running at once; 0 = one per GPU, or CPU cores ÷ threads per stage.
