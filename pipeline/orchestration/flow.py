@@ -261,7 +261,8 @@ def mlflow_link(run_id: str | None) -> str:
         return "MLflow tracking is off (SLIMSTEP_TRACKING=off)"
     uri = tracking.tracking_uri()
     experiment = tracking.ensure_store()
-    path = f"#/experiments/{experiment}/runs/{run_id}"
+    # MLflow 3's UI opens on its GenAI overview unless told: the query parameter picks the model-training view.
+    path = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"[MLflow run {run_id}]({uri.rstrip('/')}/{path})"
     return (
