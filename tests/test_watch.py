@@ -20,6 +20,7 @@ import yaml
 from pipeline.orchestration import experiments
 from pipeline.orchestration.dag import read_graph
 from pipeline.orchestration.flow import ProfileChoice, StageName
+from pipeline.profiles import render
 from tests.conftest import BIN, ROOT, run
 
 PROGRESS = re.compile(r"step \d+/\d+ \(\d+%\) loss \S+ lr \S+ · \S+ steps/s")
@@ -27,7 +28,7 @@ TRAINING = ("featurizer", "teacher", "anneal@", "distill@", "msd@")
 
 
 # Overrides (no pipeline needed).
-PARAMS = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+PARAMS = render("smoke", ROOT / "configs")
 
 
 def test_overrides_set_nested_keys_and_leave_the_original_alone() -> None:
