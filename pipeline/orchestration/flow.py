@@ -11,7 +11,6 @@ the flow run (SIGTERM from a runner or worker, Ctrl-C) kills every stage's proce
 starts or retries after that.
 """
 
-from __future__ import annotations
 
 import contextlib
 import itertools
