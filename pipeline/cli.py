@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 app = typer.Typer(
@@ -108,8 +110,7 @@ def print_leaderboard(path: Path = LEADERBOARD) -> None:
         table.add_column(column, justify="left" if column in ("model", "sampler") else "right", no_wrap=True)
     for row in board.to_dict("records"):
         table.add_row(*["" if pd.isna(row[c]) else fmt.format(row[c]) for c, fmt in formats.items()])
-    # Piped output (make run | tee) gets rich's default 80 columns, which cut the model names.
-    (console if console.is_terminal else Console(width=120)).print(table)
+    wide(table)
     console.print(f"Sample grids: {Path('reports/grids').resolve()}  ·  plot: reports/quality_nfe.png")
 
 
@@ -129,8 +130,9 @@ def repro(
         list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")
     ] = None,
     profile_name: Annotated[str | None, typer.Option("--profile", help="switch profile first")] = None,
+    register: Annotated[bool, typer.Option(help="register the one-step student and MSD router")] = True,
 ) -> None:
-    """Validate params, then `dvc repro` under one MLflow parent run; print the leaderboard."""
+    """Validate params, then `dvc repro` under one MLflow parent run; register the models; print the leaderboard."""
     from pipeline import tracking
 
     if profile_name:
@@ -141,16 +143,34 @@ def repro(
 
     try:
         with one_flow(Path.cwd(), "slimstep repro") as flow_env:
-            parent = tracking.start_pipeline_run(f"repro-{params.profile}", {"slimstep.profile": params.profile})
+            name = f"{params.profile} · repro {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            parent = tracking.start_pipeline_run(name, {"slimstep.profile": params.profile, "slimstep.source": "repro"})
             env = {**os.environ, **({tracking.PARENT_ENV: parent} if parent else {}), **flow_env}
             env.update(tracking.child_env())
             code = subprocess.run(["dvc", "repro", *(targets or [])], env=env).returncode
+            if code == 0 and parent:
+                _record_and_register(parent, params.profile, register)
             tracking.end_pipeline_run(parent, code == 0)
     except FlowRunning as exc:
         _fail(str(exc), code=1)
     if code:
         raise typer.Exit(code)
     print_leaderboard()
+
+
+def _record_and_register(parent: str, profile_name: str, register: bool = True) -> list[Any]:
+    """Mirror the workspace onto the parent run and register its models, as `slimstep run` does; never fatal."""
+    from pipeline.tracking import records, registry
+
+    try:
+        records.record_pipeline_run(parent, Path.cwd())
+        done = registry.register_models(parent, Path.cwd(), profile_name) if register else []
+    except Exception as exc:  # the pipeline itself finished: recording it is a convenience on top
+        console.print(f"[yellow]warning:[/yellow] recording/registering in MLflow failed: {escape(str(exc))}")
+        return []
+    for item in done:
+        console.print(item.describe())
+    return done
 
 
 @app.command()
@@ -171,8 +191,8 @@ def sample(
 
     from pipeline.flow import parse_sampler
     from pipeline.flow import sample as run_sampler
+    from pipeline.grids import sample_grid
     from pipeline.modelio import load_model
-    from pipeline.plots import sample_grid
 
     folder = Path(model) if Path(model).is_dir() else Path("models") / model
     try:
@@ -344,9 +364,20 @@ def run_flow(
     pull: Annotated[bool, typer.Option(help="`dvc repro --pull`: fetch missing inputs from the remote")] = False,
     push: Annotated[bool, typer.Option(help="`dvc push --run-cache` after each stage")] = False,
     register: Annotated[bool, typer.Option(help="register the one-step student and MSD router")] = True,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE for this run only (repeatable), e.g. teacher.lr=0.002: runs as an "
+                     "experiment in scratch/experiments/<run>, params.yaml untouched"),
+    ] = None,  # fmt: skip
 ) -> None:
     """Run the DAG as a Prefect flow: parallel where dvc.yaml allows, one device slot per stage."""
-    if profile_name:
+    from pipeline.orchestration.experiments import OverrideError, parse_assignments
+
+    try:
+        changes = parse_assignments(overrides or [])
+    except OverrideError as exc:
+        _fail(str(exc))
+    if profile_name and not changes:
         profile(profile_name, force=False)
     validate_or_exit()
     check_tracking()
@@ -354,8 +385,9 @@ def run_flow(
 
     try:
         result = slimstep_flow(
-            targets=_targets(targets), gpus=gpus, slots=slots, threads=threads, retries=retries, pull=pull,
-            push=push, register_models=register, root=str(Path.cwd()),
+            profile=profile_name if changes and profile_name else "current", targets=_targets(targets),
+            overrides=changes or None, gpus=-1 if gpus is None else gpus, slots=slots or 0, threads=threads or 0,
+            retries=retries, pull=pull, push=push, register_models=register, root=str(Path.cwd()),
         )  # fmt: skip
     except (PipelineError, ValueError) as exc:
         _fail(str(exc), code=1)
@@ -387,10 +419,13 @@ def serve(
 def compare(
     last: Annotated[int, typer.Option(help="the newest N pipeline runs")] = 5,
     runs: Annotated[str | None, typer.Option(help="comma-separated run ids (or unique prefixes)")] = None,
-    out: Annotated[Path, typer.Option(help="CSV to write")] = Path("reports/compare.csv"),
+    out: Annotated[Path, typer.Option(help="CSV to write (full field names)")] = Path("reports/compare.csv"),
     metric: Annotated[str | None, typer.Option(help="rank by this metric, lower is better")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON only (for scripts)")] = False,
 ) -> None:
     """Pipeline runs side by side (key metrics, params that differ); refuses to rank across featurizers."""
+    import json
+
     from pipeline.tracking import records
 
     try:
@@ -402,16 +437,29 @@ def compare(
     except (LookupError, records.IncomparableRuns) as exc:
         _fail(str(exc))
     frame = comparison.table
-    table = Table(title=f"{len(chosen)} pipeline run(s), ranked by {comparison.rank_metric}")
-    table.add_column("field")
-    for column in frame.columns:
-        table.add_column(column, justify="right")
-    for field, row in frame.iterrows():
-        table.add_row(str(field), *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
-    console.print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index_label="field")
+    if as_json:
+        typer.echo(json.dumps(records.as_json(comparison), indent=2, default=str))
+        return
+    table = Table(title=f"{len(chosen)} pipeline run(s), ranked by {comparison.rank_metric}")
+    table.add_column("field", no_wrap=True)
+    for column in frame.columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for name, row in frame.iterrows():
+        table.add_row(str(name), *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    wide(table)
     console.print(f"saved {out}")
+
+
+def wide(table: Table) -> None:
+    """Print a table at its natural width when piped (rich's default 80 columns would cut names)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    roomy = Console(width=4000)
+    natural = Measurement.get(roomy, roomy.options, table).maximum
+    Console(width=max(80, natural)).print(table)
 
 
 @app.command()
@@ -420,7 +468,7 @@ def register(
 ) -> None:
     """Register the workspace's one-step student and MSD router (MLflow pyfunc); move the `champion` alias."""
     from pipeline import tracking
-    from pipeline.tracking import records, registry
+    from pipeline.tracking import registry
 
     params = validate_or_exit()
     parent = run or tracking.start_pipeline_run(
@@ -429,14 +477,14 @@ def register(
     if parent is None:
         _fail("MLflow tracking is off (SLIMSTEP_TRACKING=off)")
     if run is None:
-        records.record_pipeline_run(parent, Path.cwd())
-    done = registry.register_models(parent, Path.cwd(), params.profile)
-    if run is None:
+        done = _record_and_register(parent, params.profile)
         tracking.end_pipeline_run(parent, True)
+    else:
+        done = registry.register_models(parent, Path.cwd(), params.profile)
+        for item in done:
+            console.print(item.describe())
     if not done:
         _fail("nothing to register: run the pipeline first (needs models/distill@fgd or models/msd@ensemble and eval)")
-    for item in done:
-        console.print(item.describe())
 
 
 # Benchmarks (issue 7): benchmarks/run.py does the work; this command only forwards the options.

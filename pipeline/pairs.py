@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.errors import IntegrityError
 from pipeline.flow import Batch, SampleResult, VelocityFn, parse_sampler, sample
 from pipeline.integrity import load_tensors, sha256_bytes, sha256_file, torch_bytes
+from pipeline.progress import Progress
 from pipeline.runtime import rank_rows
 
 FORMAT_VERSION = 1
@@ -202,7 +202,8 @@ def generate_pairs(
     # Generate.
     solve = solver_fn or (lambda v_, z_, y_: sample(v_, z_, y_, sampler))
     n_done = sum(entry["n"] for entry in kept)
-    bar = tqdm(total=n_pairs, initial=n_done, unit="pair", disable=not (progress and sys.stderr.isatty()))
+    every = max(solve_batch, n_pairs // 10)
+    bar = Progress(n_pairs, f"pairs ({sampler})", unit="pair", initial=n_done, every=every, enabled=progress)
     started = time.perf_counter()
     for index in range(len(kept), len(sizes)):
         start = index * shard_size

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +16,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT  # re-exported: older imports
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, set_aside
 from pipeline.config import TrainSection
 from pipeline.errors import NonFiniteError, first_line
 from pipeline.flow import Batch
+from pipeline.progress import Progress
 from pipeline.runtime import is_main_process, rank, world_size
 
 
@@ -174,7 +173,8 @@ def train(
         torch.manual_seed(settings.seed * 1_000_003 + 7_919 * (start + 1) + rank())
     use_amp = settings.amp and device.type == "cuda"
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
-    bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not (progress and sys.stderr.isatty()))
+    shown = progress and is_main_process()
+    bar = Progress(settings.steps, desc, initial=start, every=settings.log_every, enabled=shown)
 
     def save() -> None:
         if checkpoint is None or not is_main_process():
@@ -213,16 +213,17 @@ def train(
         optimizer.step()
         ema.update(step)
         losses.append(current)
-        bar.update(1)
 
         # Record.
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             recent = losses[-settings.log_every :]
             metrics = {"train/loss": sum(recent) / len(recent), "train/lr": optimizer.param_groups[0]["lr"]}
             metrics.update({f"train/{k}": float(v) for k, v in getattr(loss, "last_metrics", {}).items()})
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            bar.update(1, loss=metrics["train/loss"], lr=metrics["train/lr"])
             if is_main_process():
                 tracker.log_metrics(metrics, step=step + 1)
+        else:
+            bar.update(1)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == end:
             save()
     bar.close()

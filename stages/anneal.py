@@ -30,6 +30,7 @@ def main(variant: str) -> None:
         batches = PairStream(pairs, p.batch_size, p.seed, s.device)
         result = s.train(net, loss, batches, p, {"variant": variant, **p.model_dump()}, [pairs])
         out = Path(f"models/anneal@{variant}")
+        s.log_samples(result.ema, list(shape), classes, sampler="euler-4")
         save_model(out, result.ema.cpu(), {
             "stage": f"anneal@{variant}", "kind": "flow", "net": p.net.model_dump(), "data_shape": list(shape),
             "num_classes": classes, "default_sampler": "euler-4",

@@ -56,6 +56,7 @@ def main(variant: str) -> None:
         batches = PairStream(pairs, settings.batch_size, settings.seed, s.device)
         inputs = [pairs, ANNEALED] if fgd else [pairs]
         result = s.train(net, loss, batches, settings, {"variant": variant, **settings.model_dump()}, inputs)
+        s.log_samples(result.ema, list(shape), classes)
         save_model(Path(f"models/distill@{variant}"), result.ema.cpu(), {
             "stage": f"distill@{variant}", "kind": "onestep", "net": a.net.model_dump(), "data_shape": list(shape),
             "num_classes": classes, "steps": settings.steps,

@@ -25,10 +25,11 @@ from pipeline.evaluation import (
     real_floor,
 )
 from pipeline.fid import FidError, FidScorer, make_scorer
-from pipeline.flow import sample
+from pipeline.flow import parse_sampler, sample
+from pipeline.grids import sample_grid
 from pipeline.modelio import load_model, model_hash
 from pipeline.nets import count_macs, count_params
-from pipeline.plots import quality_vs_nfe, sample_grid
+from pipeline.plots import Panel, quality_vs_nfe, side_by_side
 
 REPORTS, MODELS = Path("reports"), Path("models")
 COLUMNS = ["model", "sampler", "nfe", "params", "macs_per_sample", "fd", "fd_std", "fd_heldout", "fd_heldout_std",
@@ -102,6 +103,21 @@ def write_stepper_transfer(ref: Reference, noise: list[torch.Tensor], device: to
     atomic_write_text(REPORTS / "stepper_transfer.csv", table.to_csv(index=False, float_format="%.6g"))
 
 
+def side_panel(
+    net: torch.nn.Module, name: str, grid_sampler: str, grid: torch.Tensor, rows: list[dict], noise: torch.Tensor,
+    labels: torch.Tensor, device: torch.device,
+) -> Panel:  # fmt: skip
+    """The model's panel in the side-by-side image: a sampler the leaderboard measured, so its FD is in the title.
+
+    The grid's own sampler when it was evaluated, else the model's best-FD evaluated sampler (sampled anew)."""
+    measured = {r["sampler"]: r["fd"] for r in rows if r["model"] == name}
+    if parse_sampler(grid_sampler).name in measured or not measured:
+        return Panel(name, grid_sampler, measured.get(parse_sampler(grid_sampler).name, float("nan")), grid)
+    best = min(measured, key=measured.get)
+    x = sample(net, noise.to(device), labels.to(device), best).x.cpu()
+    return Panel(name, best, measured[best], x)
+
+
 def model_dirs() -> list[Path]:
     """Every generative model on disk, the teacher first."""
     dirs = [d for d in sorted(MODELS.iterdir()) if (d / "meta.json").exists() and d.name != "featurizer"]
@@ -124,6 +140,7 @@ def main() -> None:
             torch.zeros(grid_rows * p.grid_per_class, dtype=torch.long)
         grid_noise = torch.randn((len(grid_labels), *shape), generator=torch.Generator().manual_seed(0))
         (REPORTS / "grids").mkdir(parents=True, exist_ok=True)
+        panels = []
         for directory in model_dirs():
             model = load_model(directory, s.device)
             net, meta = model.net, model.meta
@@ -148,6 +165,10 @@ def main() -> None:
             sample_grid(grid, grid_labels, classes, grid_path, f"{meta['stage']} ({grid_sampler})", conditional,
                         split.train.class_names)  # fmt: skip
             s.tracker.log_artifact(grid_path, "grids")
+            panels.append(side_panel(net, meta["stage"], grid_sampler, grid, rows, grid_noise, grid_labels, s.device))
+        side_by_side(panels, grid_labels, classes, REPORTS / "grids" / "all_models.png", conditional=conditional,
+                     class_names=split.train.class_names)
+        s.tracker.log_artifact(REPORTS / "grids" / "all_models.png", "grids")
 
         write_msd_groups(ref, noise, s.device)
         write_stepper_transfer(ref, noise, s.device)

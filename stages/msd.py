@@ -108,6 +108,7 @@ def main(student: str) -> None:
             loss = fgd_objective(s, teacher, groups[k])
         result = s.train(net, loss, batches, p, section, [*inputs, pairs])
         metrics["final_loss"] = sum(result.losses[-100:]) / len(result.losses[-100:])
+        s.log_samples(result.ema, list(shape), num_classes, classes=list(groups[k]))
         if p.objective == "dmd" and p.gan_steps:
             gan = p.model_copy(update={"steps": p.gan_steps, "lr": p.gan_lr, "warmup_steps": 0})
             loss.gan_on = True  # type: ignore[union-attr]

@@ -105,3 +105,21 @@ def test_cli_saves_csv_and_refuses_with_a_clear_message(store: dict) -> None:
     refused = run(["slimstep", "compare", "--last", "4", "--out", "all.csv"], folder, env, check=False)
     assert refused.returncode == 2 and "different featurizers" in " ".join(refused.stdout.split())  # rich wraps
     assert "Traceback" not in refused.stdout + refused.stderr and not (folder / "all.csv").exists()
+
+
+def test_equal_scores_share_a_rank() -> None:
+    assert records.ranks({"a": 2.5, "b": 2.5, "c": 1.0, "d": float("nan")}) == {"a": 2, "b": 2, "c": 1, "d": ""}
+
+
+@pytest.mark.slow
+def test_cli_json_and_piped_table_keep_full_names(store: dict) -> None:
+    import json
+
+    folder, env = store["folder"], {"MLFLOW_TRACKING_URI": store["uri"]}
+    ids = f"{store['slow']},{store['fast']}"
+    printed = run(["slimstep", "compare", "--runs", ids, "--json", "--out", "j.csv"], folder, env).stdout
+    parsed = json.loads(printed)  # stdout holds nothing but the JSON
+    assert parsed["rank_metric"] == FGD and [r["run_id"] for r in parsed["runs"]] == [store["slow"], store["fast"]]
+    assert parsed["runs"][1]["fields"][FGD] == 2.5 and parsed["runs"][1]["fields"][f"rank ({FGD})"] == 1
+    table = run(["slimstep", "compare", "--runs", ids, "--out", "t.csv"], folder, env).stdout  # piped: no terminal
+    assert "teacher/euler-1/fd" in table and f"rank ({FGD})" in table and "…" not in table

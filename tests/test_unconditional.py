@@ -16,9 +16,9 @@ from PIL import Image
 
 from pipeline.data import load_digits_split
 from pipeline.featurizer import RandomFeatures, features
+from pipeline.grids import sample_grid
 from pipeline.metrics import frechet_distance
 from pipeline.modelio import load_model, save_model
-from pipeline.plots import sample_grid
 from tests.conftest import make_project, run
 
 

@@ -67,6 +67,28 @@ class Stage:
             checkpoint=self.checkpoint(section, inputs), tracker=self.tracker, desc=self.name,
         )  # fmt: skip
 
+    def log_samples(
+        self, net: nn.Module, data_shape: list[int], num_classes: int, sampler: str = "onestep",
+        classes: list[int] | None = None, per_class: int = 4,
+    ) -> None:  # fmt: skip
+        """The model's own sample grid on this stage's MLflow run: each student can be judged where it was trained.
+
+        Fixed noise (seed 0), so reruns and sibling stages draw from the same latents."""
+        if isinstance(self.tracker, tracking.NullTracker):
+            return
+        from pipeline.flow import sample
+        from pipeline.grids import sample_grid
+
+        labels = torch.tensor(classes if classes is not None else list(range(num_classes))).repeat_interleave(per_class)
+        z = torch.randn((len(labels), *data_shape), generator=torch.Generator().manual_seed(0))
+        device = next(net.parameters()).device
+        with torch.no_grad():
+            x = sample(net.eval(), z.to(device), labels.to(device), sampler).x.cpu()
+        path = SCRATCH / self.name.replace("@", "-") / "samples.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(x, labels, num_classes, path, f"{self.name} ({sampler})")
+        self.tracker.log_artifact(path, "samples")
+
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """The stage's DVC metrics file, mirrored to MLflow with `/`-sectioned names."""
         if not is_main_process():

@@ -11,10 +11,10 @@ the flow run (SIGTERM from a runner or worker, Ctrl-C) kills every stage's proce
 starts or retries after that.
 """
 
-from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import queue
@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -33,12 +33,17 @@ from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import tracking
-from pipeline.orchestration import process
+from pipeline.orchestration import experiments, process
 from pipeline.orchestration.dag import StageGraph, read_graph
 from pipeline.orchestration.devices import DevicePool, Slots, ensure_limit, limit_name, plan_slots
 from pipeline.orchestration.flowlock import FlowRunning, one_flow
 
 FLOW_NAME = "slimstep"
+# The deployment form's choices. tests/test_experiments.py checks them against configs/ and dvc.yaml.
+ProfileChoice = Literal["current", "smoke", "digits", "toy2d", "cifar10"]
+# `pairs@…` and `msd@…` depend on the profile's params: their groups (`pairs`, `msd`) stand for them.
+StageName = Literal["data", "featurizer", "teacher", "stepper", "pairs", "anneal", "anneal@slimflow", "anneal@reflow",
+                    "distill", "distill@fgd", "distill@naive", "msd", "router", "eval"]  # fmt: skip
 MAX_WORKERS = 16  # threads only exist for submitted (ready) stages, and each then waits for a device slot
 LEASE_S = 60  # a slot held by a killed process frees itself this long after its last renewal (Prefect's minimum)
 SLOT_POLL_S = 10  # wait for a slot in rounds this long, so a cancelled flow run stops waiting
@@ -203,14 +208,38 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _switch_profile(root: Path, name: str) -> None:
+def _switch_profile(root: Path, name: str, force: bool = False) -> None:
     import subprocess
 
     switched = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "profile", name], cwd=root, capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.cli", "profile", name, *(["--force"] if force else [])], cwd=root,
+        capture_output=True, text=True,
     )  # fmt: skip
     if switched.returncode:
         raise PipelineError((switched.stdout + switched.stderr).strip())
+
+
+def _experiment_workspace(root: Path, profile: str | None, overrides: dict[str, Any]) -> Path:
+    """The run's own worktree: the checkout's params.yaml (or `profile`) plus `overrides`, validated first."""
+    import yaml
+
+    current = yaml.safe_load((root / "params.yaml").read_text()) if (root / "params.yaml").exists() else {}
+    try:
+        if profile is None:
+            experiments.validated(current, overrides)  # a bad override fails before a worktree exists
+        name = experiments.workspace_name(flow_run.get_name() or time.strftime("exp-%Y%m%d-%H%M%S"))
+        path = experiments.create_workspace(root, name, current)
+    except experiments.OverrideError as exc:
+        raise PipelineError(str(exc)) from None
+    try:
+        if profile:
+            _switch_profile(path, profile, force=True)
+        params = experiments.validated(yaml.safe_load((path / "params.yaml").read_text()), overrides)
+    except (experiments.OverrideError, PipelineError) as exc:
+        experiments.remove_workspace(root, path)
+        raise PipelineError(str(exc)) from None
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
 
 
 def validated_params(root: Path) -> Any:
@@ -233,7 +262,8 @@ def mlflow_link(run_id: str | None) -> str:
         return "MLflow tracking is off (SLIMSTEP_TRACKING=off)"
     uri = tracking.tracking_uri()
     experiment = tracking.ensure_store()
-    path = f"#/experiments/{experiment}/runs/{run_id}"
+    # MLflow 3's UI opens on its GenAI overview unless told: the query parameter picks the model-training view.
+    path = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"[MLflow run {run_id}]({uri.rstrip('/')}/{path})"
     return (
@@ -276,43 +306,67 @@ def summary_markdown(root: Path, profile: str, schedule: Schedule, link: str, re
     on_crashed=[_kill_stages],
 )
 def slimstep_flow(
-    profile: str | None = None,
-    targets: list[str] | None = None,
-    gpus: int | None = None,
-    slots: int | None = None,
-    threads: int | None = None,
+    profile: ProfileChoice = "current",
+    targets: list[StageName] | None = None,
+    overrides: dict[str, Any] | None = None,
+    gpus: int = -1,
+    slots: int = 0,
+    threads: int = 0,
     retries: int = 1,
     pull: bool = False,
     push: bool = False,
     register_models: bool = True,
-    root: str | None = None,
+    root: str = "",
 ) -> dict[str, Any]:
     """Bring the DVC pipeline (or `targets` and their upstream) up to date, stages in parallel where the DAG allows.
 
-    profile: switch params.yaml to this profile first. gpus: use the first N GPUs (0 = CPU). slots /
-    threads: override the CPU sizing (cores ÷ threads per stage). pull / push: share outputs and the
-    run-cache through the default DVC remote. register_models: register the one-step student and the MSD router.
+    Args:
+        profile: Parameter set to start from: `current` keeps params.yaml as it is; a profile name switches
+            to that configs/ file first (in the experiment's own workspace when there are overrides).
+        targets: Stages to bring up to date, with everything upstream of them; empty = the whole DAG.
+            A group name (`distill`) means all its stages (`distill@fgd`, `distill@naive`).
+        overrides: Parameters to change for this run only, as dotted keys of params.yaml, e.g.
+            {"teacher.lr": 0.002, "distill.steps": 400}. Checked against the schema before anything runs;
+            the run then happens in its own git worktree (scratch/experiments/RUN-NAME) sharing the DVC
+            cache, so the checkout's params.yaml is never touched, and is saved as a DVC experiment.
+        gpus: Use the first N GPUs; 0 = CPU only; -1 = every GPU found.
+        slots: Stages running at once; 0 = one per GPU, or CPU cores ÷ threads per stage.
+        threads: CPU threads per stage; 0 = the cores shared out among the slots.
+        retries: Retries of a failed stage (it resumes from its scratch checkpoint).
+        pull: `dvc repro --pull`: fetch missing inputs and outputs from the default DVC remote.
+        push: `dvc push --run-cache` after each stage, so other machines can skip it.
+        register_models: Register the one-step student and the MSD router in the MLflow model registry.
+        root: The repository to run in; empty = the working directory of the process running the flow.
     """
     base = Path(root or Path.cwd()).resolve()
+    logger = get_run_logger()
+    chosen_profile = None if profile == "current" else profile
+    workspace = None
+    if overrides:  # checked against the schema before anything is made
+        workspace = _experiment_workspace(base, chosen_profile, overrides)
+        logger.info("experiment workspace %s with overrides %s", workspace, overrides)
+        base = workspace
     try:
-        with one_flow(base, "slimstep run") as flow_env:
+        with one_flow(base, "slimstep run") as flow_env:  # an experiment's own worktree is its own checkout
+            if chosen_profile and not workspace:
+                _switch_profile(base, chosen_profile)
             return _run_flow(
-                base, flow_env, profile, targets, gpus, slots, threads, retries, pull, push, register_models
+                base, flow_env, workspace, targets, overrides, (gpus if gpus >= 0 else None), (slots or None),
+                (threads or None), retries, pull, push, register_models,
             )  # fmt: skip
     except FlowRunning as exc:
         raise PipelineError(str(exc)) from None
 
 
 def _run_flow(
-    base: Path, flow_env: dict[str, str], profile: str | None, targets: list[str] | None, gpus: int | None,
-    slots: int | None, threads: int | None, retries: int, pull: bool, push: bool, register_models: bool,
+    base: Path, flow_env: dict[str, str], workspace: Path | None, targets: list[str] | None,
+    overrides: dict[str, Any] | None, gpus_: int | None, slots_: int | None, threads_: int | None, retries: int,
+    pull: bool, push: bool, register_models: bool,
 ) -> dict[str, Any]:  # fmt: skip
     logger = get_run_logger()
-    if profile:
-        _switch_profile(base, profile)
     params = validated_params(base)
     graph = read_graph(base).restrict(targets)
-    plan = plan_slots(gpus=gpus, slots=slots, threads=threads, width=graph.width())
+    plan = plan_slots(gpus=gpus_, slots=slots_, threads=threads_, width=graph.width())
     limit, pool = limit_name(), DevicePool(plan.devices)
     if released := ensure_limit(limit, plan.size, held=pool.held()):
         logger.warning("released %d slot(s) of %s left by a run that died holding them", released, limit)
@@ -323,11 +377,13 @@ def _run_flow(
         parent = None
         if tracking.enabled():
             tracking.ensure_store()  # once, before stages fan out (concurrent creation half-migrates SQLite)
-            parent = tracking.start_pipeline_run(f"flow-{params.profile}", {
+            parent = tracking.start_pipeline_run(f"{params.profile} · {flow_run.get_name() or 'flow'}", {
                 "slimstep.profile": params.profile, "slimstep.orchestrator": "prefect",
                 "slimstep.targets": ",".join(targets or []) or "all",
                 "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or "",
                 "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
+                **({"slimstep.overrides": json.dumps(overrides, sort_keys=True), "slimstep.workspace": str(base)}
+                   if workspace else {}),
             })  # fmt: skip
         # Stages' `python` is this interpreter, whether or not its environment is activated.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -347,6 +403,10 @@ def _run_flow(
         ok = not schedule.failed
         try:
             registered = _record(parent, base, params.profile, register_models) if ok else []
+            if ok and workspace and (saved := experiments.save_experiment(workspace, workspace.name)):
+                logger.info("saved as DVC experiment %s (`dvc exp show` lists it)", saved)
+                if parent:
+                    tracking.MlflowTracker(parent).set_tags({"slimstep.dvc_experiment": saved})
             link = mlflow_link(parent)
             create_markdown_artifact(
                 summary_markdown(base, params.profile, schedule, link, registered),

@@ -33,6 +33,8 @@ REQUIRED = "required"
 PROBE_TIMEOUT_S = 3.0
 # Bounded HTTP retries for a server that dies mid-run (MLflow's defaults retry for minutes).
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow 3's UI opens an experiment by this tag: without it a runs-only experiment lands on the GenAI overview.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 T = TypeVar("T")
 
 
@@ -125,6 +127,9 @@ def ensure_store() -> str:
     """Create the store and experiment once, before stages fan out (concurrent creation half-migrates SQLite)."""
     mlflow = _mlflow()
     experiment = retry(lambda: mlflow.set_experiment(EXPERIMENT))
+    if experiment.tags.get(KIND_TAG) != MODEL_TRAINING:
+        client = mlflow.MlflowClient()
+        retry(lambda: client.set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_TRAINING))
     return experiment.experiment_id
 
 
@@ -214,13 +219,15 @@ def _spawn_helper() -> subprocess.Popen:
 
 
 _prestarted: subprocess.Popen | None = None
+_stage_started_ms: int | None = None  # when this stage process began: its MLflow run starts there, not later
 
 
 def prestart_helper() -> None:
     """Start this process's MLflow helper now, before the stage imports torch: then the helper's ~4 s of
     start-up run beside the stage's own instead of after them. The next BackgroundTracker adopts it; a
     stage that never opens a run (bad params) just closes its stdin at exit and the helper logs nothing."""
-    global _prestarted
+    global _prestarted, _stage_started_ms
+    _stage_started_ms = _stage_started_ms or int(time.time() * 1000)
     try:
         usable = enabled()
     except TrackingUnavailable:
@@ -242,7 +249,8 @@ class BackgroundTracker:
         global _prestarted
         self._process, _prestarted = _prestarted or _spawn_helper(), None
         self._gone = False
-        self._send({"op": "start", "stage": stage, "params": flatten(params), "tags": tags})
+        started = _stage_started_ms or int(time.time() * 1000)
+        self._send({"op": "start", "stage": stage, "params": flatten(params), "tags": tags, "start_time": started})
 
     def _send(self, message: dict[str, Any]) -> None:
         if self._gone:
@@ -298,15 +306,19 @@ def stage_run(
         tracker.close(status)
 
 
-def open_stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> MlflowTracker:
-    """Create the stage's run (child of SLIMSTEP_PARENT_RUN_ID when set) with its params: the helper's first job."""
+def open_stage_run(
+    stage: str, params: dict[str, Any], tags: dict[str, str], start_time: int | None = None
+) -> MlflowTracker:
+    """Create the stage's run (child of SLIMSTEP_PARENT_RUN_ID when set) with its params: the helper's first job.
+
+    `start_time` (ms): when the stage began; the helper opens the run seconds later, which would cut its span."""
     mlflow = _mlflow()
     experiment_id = ensure_store()
     run_tags = {"slimstep.stage": stage, "git.commit": git_commit(), **tags}
     if parent := os.environ.get(PARENT_ENV):
         run_tags["mlflow.parentRunId"] = parent
     client = mlflow.MlflowClient()
-    run = retry(lambda: client.create_run(experiment_id, tags=run_tags, run_name=stage))
+    run = retry(lambda: client.create_run(experiment_id, start_time=start_time, tags=run_tags, run_name=stage))
     tracker = MlflowTracker(run.info.run_id)
     tracker.log_params(params)
     return tracker

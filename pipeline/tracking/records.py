@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class Comparison:
     table: pd.DataFrame  # one column per run (oldest first), one row per field
     featurizers: dict[str, str]  # column → featurizer hash ("unknown" when not recorded)
     rank_metric: str
+    run_ids: dict[str, str] = field(default_factory=dict)  # column → MLflow run id
 
 
 def _client() -> Any:
@@ -123,18 +124,40 @@ def compare(runs: list[Any], rank_metric: str = RANK_METRIC) -> Comparison:
             "git commit": run.data.tags.get("git.commit", "")[:10],
             "featurizer": featurizers[column],
         }
-    rows: dict[str, dict[str, Any]] = {field: {c: header[c][field] for c in columns} for field in header[columns[0]]}
+    rows: dict[str, dict[str, Any]] = {name: {c: header[c][name] for c in columns} for name in header[columns[0]]}
     keys = sorted({k for c in columns for k in metrics[c] if k.endswith(KEY_SUFFIX)})
-    scores = {c: metrics[c].get(rank_metric, math.nan) for c in columns}
-    order = sorted((c for c in columns if not math.isnan(scores[c])), key=scores.get)
-    rows[f"rank ({rank_metric})"] = {c: order.index(c) + 1 if c in order else "" for c in columns}
+    rows[f"rank ({rank_metric})"] = ranks({c: metrics[c].get(rank_metric, math.nan) for c in columns})
     rows.update({k: {c: metrics[c].get(k, math.nan) for c in columns} for k in keys})
     for key in sorted({k for c in columns for k in params[c]}):
         values = {c: params[c].get(key, "") for c in columns}
         if len(set(values.values())) > 1:
             rows[f"param {key}"] = values
     table = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
-    return Comparison(table, featurizers, rank_metric)
+    return Comparison(table, featurizers, rank_metric, {c: r.info.run_id for c, r in zip(columns, runs, strict=True)})
+
+
+def ranks(scores: dict[str, float]) -> dict[str, int | str]:
+    """1 = lowest score; equal scores share the better rank (1, 1, 3); a run without the score gets ""."""
+    known = sorted(v for v in scores.values() if not math.isnan(v))
+    return {c: known.index(v) + 1 if not math.isnan(v) else "" for c, v in scores.items()}
+
+
+def as_json(comparison: Comparison) -> dict[str, Any]:
+    """The comparison for scripts: one entry per run, every field by its full name, NaN as null."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return value.item() if hasattr(value, "item") else value
+
+    return {
+        "rank_metric": comparison.rank_metric,
+        "runs": [
+            {"name": column, "run_id": comparison.run_ids.get(column, ""),
+             "fields": {str(f): plain(v) for f, v in comparison.table[column].items()}}
+            for column in comparison.table.columns
+        ],
+    }  # fmt: skip
 
 
 def check_comparable(comparison: Comparison) -> None:

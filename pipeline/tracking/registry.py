@@ -37,6 +37,10 @@ HASH_TAG = "slimstep.model_hash"
 CHAMPION = "champion"
 ONNX_FILE = "model.onnx"  # in the version's `onnx` artifact folder, beside model.meta.json
 REGISTERED = {"distill@fgd": "onestep", "msd@ensemble": "msd"}  # stage → registered-name suffix
+WHAT = {
+    "distill@fgd": "One-step SlimFlow student (stage distill@fgd): annealed reflow then flow-guided distillation",
+    "msd@ensemble": "Multi-student distillation router (stage msd@ensemble): a one-step student per class group",
+}
 
 
 def registered_name(profile: str, stage: str) -> str:
@@ -97,6 +101,23 @@ def _workspace_fd(root: Path, stage: str) -> float:
     return float(fd) if fd is not None else math.nan
 
 
+def describe(stage: str, profile: str, dataset: str, fd: float, featurizer: str) -> str:
+    """The registered model's description in the MLflow UI: what it is, which data, its FD and featurizer."""
+    return (
+        f"{WHAT[stage]}, profile `{profile}`, trained on `{dataset}`. FD {fd:.4g} (one step, against the "
+        f"training set) measured with featurizer `{featurizer[:12]}`; FDs from another featurizer are not "
+        "comparable. Input: a DataFrame with `label` (and optional `seed` per sample); output: images "
+        "(n, *data_shape) in [-1, 1], one network call each."
+    )
+
+
+def _dataset(root: Path) -> str:
+    import yaml
+
+    data = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("data") or {}
+    return str(data.get("path") or data.get("dataset") or "unknown")
+
+
 def _fd_of(version: Any) -> float:
     try:
         return float(version.tags.get("fd", "nan"))
@@ -130,6 +151,8 @@ def register_models(run_id: str, root: Path, profile: str) -> list[Registered]:
         peers = [v for v in versions if v.tags.get(FEATURIZER_TAG) == featurizer and not math.isnan(_fd_of(v))]
         best = min(peers, key=_fd_of, default=version)
         tracking.retry(lambda n=name, b=best: client.set_registered_model_alias(n, CHAMPION, b.version))
+        text = describe(stage, profile, _dataset(root), _fd_of(best), featurizer)
+        tracking.retry(lambda n=name, t=text: client.update_registered_model(n, description=t))
         done.append(Registered(name, str(version.version), fd, best.version == version.version, new))
     return done
 

@@ -1,6 +1,6 @@
 """The MLflow helper process behind `tracking.BackgroundTracker`: reads JSON lines on stdin, logs them in order.
 
-First line: {"op": "start", "stage", "params", "tags"}; then "metrics", "params", "tags", "artifact"; last
+First line: {"op": "start", "stage", "params", "tags", "start_time"}; then "metrics", "params", "tags", "artifact"; last
 {"op": "end", "status"}. End of input without "end" means the stage died: the run is marked FAILED.
 """
 
@@ -27,7 +27,7 @@ def main() -> None:
     if start is None or start["op"] != "start":
         return
     try:
-        tracker = tracking.open_stage_run(start["stage"], start["params"], start["tags"])
+        tracker = tracking.open_stage_run(start["stage"], start["params"], start["tags"], start.get("start_time"))
     except Exception as exc:  # a store that broke after the probe: the stage goes on without records
         print(f"warning: MLflow run of {start['stage']} not created ({first_line(exc)}); outputs are kept",
               file=sys.stderr)  # fmt: skip
