@@ -312,6 +312,14 @@ def import_teacher(
                 "conditional": conditional}  # fmt: skip
     else:
         spec = {"kind": "diffusers", "path": str(target), "prediction": prediction or "auto"}
+    from pydantic import TypeAdapter, ValidationError
+
+    from pipeline.config import TeacherSource
+
+    try:  # every key of the section, defaults included: params.yaml lists each value a stage reads
+        spec = TypeAdapter(TeacherSource).validate_python(spec).model_dump(mode="json")
+    except ValidationError as exc:
+        _fail(f"teacher.source: {exc.errors(include_url=False)[0]['msg']}")
     params = yaml.safe_load(PARAMS.read_text())
     params["teacher"]["source"] = spec
     PARAMS.write_text(yaml.safe_dump(params, sort_keys=False))

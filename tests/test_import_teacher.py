@@ -321,8 +321,10 @@ def test_import_teacher_command_writes_the_source_and_refuses_in_one_line(tmp_pa
     user = write_python_teacher(tmp_path / "edm", EDM_USER)
     run(["slimstep", "import-teacher", str(user), "--entry", "build.py:build", "--prediction", "edm"], repo)
     source = yaml.safe_load((repo / "params.yaml").read_text())["teacher"]["source"]
-    assert source == {"kind": "python", "path": "inputs/teacher/edm", "entry": "build.py:build",
-                      "prediction": "edm", "conditional": True}  # fmt: skip
+    assert {k: source[k] for k in ("kind", "path", "entry", "prediction", "conditional", "sigma_max")} == {
+        "kind": "python", "path": "inputs/teacher/edm", "entry": "build.py:build", "prediction": "edm",
+        "conditional": True, "sigma_max": 80.0}  # fmt: skip
+    assert "is valid" in run(["slimstep", "validate"], repo).stdout
     assert (repo / "inputs/teacher/edm/edm.safetensors").is_file()
 
 
@@ -356,10 +358,11 @@ def test_smoke_chain_on_an_imported_diffusers_teacher(tmp_path: Path) -> None:
 
 
 def test_teacher_source_params_are_checked() -> None:
-    from pipeline.config import ParamsError, load_params, validate_params
+    from pipeline.config import ParamsError, validate_params
+    from pipeline.profiles import render
 
-    raw = yaml.safe_load(Path("configs/smoke.yaml").read_text())
-    assert load_params("configs/smoke.yaml").teacher.source.kind == "train"
+    raw = render("smoke")
+    assert validate_params(raw).teacher.source.kind == "train"
     cases = {
         "teacher.source.diffusers.path": {"kind": "diffusers", "path": "/abs/ddpm"},
         "teacher.source.python.entry": {"kind": "python", "path": "inputs/teacher/x", "entry": "build",
