@@ -25,6 +25,14 @@ PARAMS, LEADERBOARD = Path("params.yaml"), Path("reports/leaderboard.csv")
 EXPORT_CACHE = Path("scratch/exports")  # `sample --backend onnx` exports here, keyed by the model's hash
 
 
+def _write_params(params: dict[str, Any]) -> None:
+    """params.yaml after an import's edits, written atomically in the rendered profiles' layout."""
+    from pipeline.atomic import atomic_write_text
+    from pipeline.profiles import dump
+
+    atomic_write_text(PARAMS, dump(params))
+
+
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
@@ -299,7 +307,7 @@ def import_data(
         _fail(f"{source}: expected an image folder, a folder of CIFAR-10 python batches or an .npz file")
     params = yaml.safe_load(PARAMS.read_text())
     params["data"].update(dataset=dataset, path=str(target))
-    PARAMS.write_text(yaml.safe_dump(params, sort_keys=False))
+    _write_params(params)
     console.print(f"imported {source} → {target}; data.dataset = {dataset}, data.path = {target}")
 
 
@@ -325,7 +333,7 @@ def _import_image_folder(source: Path, size: int | None, channels: int | None, s
     if not images.conditional and len(params["msd"]["students"]) > 1:
         params["msd"]["students"] = [0]
         notes.append("msd.students = [0] (MSD partitions classes; a flat folder has none)")
-    PARAMS.write_text(yaml.safe_dump(params, sort_keys=False))
+    _write_params(params)
     kind = f"{len(images.class_names)} classes ({', '.join(images.class_names)})" if images.conditional else \
         "unconditional (flat folder)"
     shape = "x".join(map(str, images.images.shape[1:]))
@@ -333,6 +341,98 @@ def _import_image_folder(source: Path, size: int | None, channels: int | None, s
     if images.skipped:
         console.print(f"skipped {len(images.skipped)} unreadable file(s), e.g. {images.skipped[0]}")
     console.print(f"data.dataset = npz, data.path = {target}" + "".join(f"; {note}" for note in notes))
+
+
+TEACHER_INPUTS = Path("inputs/teacher")  # the teacher stage's DVC dependency: one imported teacher at a time
+
+
+@app.command("import-teacher")
+def import_teacher(
+    source: Annotated[Path, typer.Argument(help="a diffusers model folder, or with --entry a folder / .py file")],
+    prediction: Annotated[
+        str | None,
+        typer.Option(help="diffusers: epsilon | v_prediction | sample | flow (default: the scheduler's); "
+                     "python: velocity | epsilon | v | x0 | edm (required)"),
+    ] = None,
+    entry: Annotated[
+        str | None, typer.Option(help="python source: FILE.py:FUNCTION inside the folder (FILE defaults to the .py)")
+    ] = None,
+    conditional: Annotated[bool, typer.Option(help="python source: the net takes class labels")] = True,
+) -> None:
+    """Copy a pretrained teacher into inputs/teacher (so DVC hashes it) and point teacher.source at it."""
+    from pipeline.teachers.diffusers_source import TeacherFolderError, read_folder
+
+    if not source.exists():
+        _fail(f"{source}: no such file or folder")
+    python = entry is not None or source.suffix == ".py"
+    if python:
+        if prediction is None:
+            _fail("--prediction is required for a python source (velocity | epsilon | v | x0 | edm)")
+        if entry is None:
+            entry = f"{source.name}:build"
+        elif source.suffix == ".py" and ":" not in entry:
+            entry = f"{source.name}:{entry}"
+    else:
+        try:
+            read_folder(source, prediction)
+        except TeacherFolderError as exc:
+            _fail(str(exc))
+    target = TEACHER_INPUTS / (source.stem if source.is_file() else source.resolve().name)
+    for old in TEACHER_INPUTS.iterdir() if TEACHER_INPUTS.exists() else []:
+        if old.is_dir() and old.resolve() != source.resolve():
+            shutil.rmtree(old)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != target.resolve():
+        if source.is_file():
+            target.mkdir(exist_ok=True)
+            shutil.copyfile(source, target / source.name)
+        else:
+            shutil.copytree(source, target)
+    if python:
+        spec = {"kind": "python", "path": str(target), "entry": entry, "prediction": prediction,
+                "conditional": conditional}  # fmt: skip
+    else:
+        spec = {"kind": "diffusers", "path": str(target), "prediction": prediction or "auto"}
+    from pydantic import TypeAdapter, ValidationError
+
+    from pipeline.config import TeacherSource
+
+    try:  # every key of the section, defaults included: params.yaml lists each value a stage reads
+        spec = TypeAdapter(TeacherSource).validate_python(spec).model_dump(mode="json")
+    except ValidationError as exc:
+        _fail(f"teacher.source: {exc.errors(include_url=False)[0]['msg']}")
+    params = yaml.safe_load(PARAMS.read_text())
+    params["teacher"]["source"] = spec
+    _write_params(params)
+    validate_or_exit()
+    console.print(f"imported {source} → {target}; teacher.source = {spec} (the teacher stage wraps it, no training)")
+
+
+@app.command()
+def nets(
+    out: Annotated[Path | None, typer.Option(help="also write the table as Markdown here")] = None,
+) -> None:
+    """Parameter and MAC counts of the paper-scale UNets on CIFAR-10 (3x32x32, 10 classes), built locally."""
+    from pipeline.nets.sizes import CIFAR10, PAPER_SIZES, size_row
+
+    rows = [size_row(size, *CIFAR10) for size in PAPER_SIZES]
+    table = Table(title="unet2d sizes on CIFAR-10 (3x32x32, 10 classes)")
+    header = ["name", "role", "channels", "blocks/level", "attention", "params (M)", "GMACs/sample"]
+    for column in header:
+        table.add_column(column)
+    cells = [[r["name"], r["role"], ",".join(map(str, r["channels"])), str(r["blocks_per_level"]),
+              ",".join(map(str, r["attention"])), f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.2f}"]
+             for r in rows]  # fmt: skip
+    for row in cells:
+        table.add_row(*row)
+    (console if console.is_terminal else Console(width=140)).print(table)
+    if out is not None:
+        from pipeline.atomic import atomic_write_text
+
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        atomic_write_text(out, "\n".join(lines) + "\n")
+        console.print(f"saved {out}")
 
 
 @app.command()

@@ -108,11 +108,66 @@ class FeaturizerSection(TrainSection):
     width: int = Field(64, ge=8, description="feature dimension")
 
 
+class TrainedTeacher(Section):
+    """The default: the `teacher` stage trains a 1-rectified flow (docs/methods.md §1)."""
+
+    kind: Literal["train"] = "train"
+
+
+def _imported_path(value: str) -> str:
+    if Path(value).is_absolute() or not Path(value).parts or Path(value).parts[0] != "inputs":
+        raise ValueError("must be a folder under inputs/ (import it with `slimstep import-teacher PATH`)")
+    return value
+
+
+class DiffusersTeacher(Section):
+    """A diffusers UNet2DModel folder under inputs/; its scheduler config gives the prediction type."""
+
+    kind: Literal["diffusers"]
+    path: str
+    prediction: Literal["auto", "epsilon", "v_prediction", "sample", "flow"] = Field(
+        "auto", description="auto = the scheduler config's prediction_type (flow for a FlowMatch scheduler)"
+    )
+
+    _path_ok = field_validator("path")(_imported_path)
+
+
+class BetaSchedule(Section):
+    """A VP model's beta schedule in diffusers' terms (DDPMScheduler computes the alpha-bar table)."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class PythonTeacher(Section):
+    """`entry` = FILE.py:FUNCTION inside `path`; FUNCTION(folder or None) returns an nn.Module (pipeline/teachers)."""
+
+    kind: Literal["python"]
+    path: str
+    entry: str = Field(pattern=r"^[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*$")
+    prediction: Literal["velocity", "epsilon", "v", "x0", "edm"]
+    conditional: bool = Field(True, description="false: the net ignores labels and serves one label")
+    schedule: BetaSchedule = BetaSchedule()
+    sigma_min: float = Field(0.002, gt=0, description="edm: the denoiser's trained sigma range")
+    sigma_max: float = Field(80.0, gt=0)
+
+    _path_ok = field_validator("path")(_imported_path)
+    _sigma_range = field_validator("sigma_max")(_not_below("sigma_min"))
+
+
+TeacherSource = Annotated[TrainedTeacher | DiffusersTeacher | PythonTeacher, Field(discriminator="kind")]
+
+
 class TeacherSection(TrainSection):
+    """The teacher: trained here (`source.kind: train`, from `net` and the training keys) or imported."""
+
     steps: Steps = 20_000
     lr: LearningRate = 1e-3
     warmup_steps: WarmupSteps = 500
     net: NetSpec = NetSpec(kind="mlp", width=512, depth=4)
+    source: TeacherSource = TrainedTeacher()
 
 
 class PairSet(Section):

@@ -100,8 +100,13 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
 }
 
 
-# Modules that register a kind's builder when imported; load_model imports them on demand.
-PROVIDERS = {"router": "pipeline.msd", "featurizer": "pipeline.featurizer", "meanflow": "pipeline.meanflow"}
+# Builders that also read the model folder (an imported teacher keeps its user's code there), chosen by
+# meta["builder"]; the artifact kind (flow, onestep) still says how the model is sampled.
+FOLDER_BUILDERS: dict[str, Callable[[dict[str, Any], Path], nn.Module]] = {}
+
+# Modules that register a builder when imported; load_model imports them on demand.
+PROVIDERS = {"router": "pipeline.msd", "featurizer": "pipeline.featurizer", "meanflow": "pipeline.meanflow",
+             "imported": "pipeline.teachers"}  # fmt: skip
 
 
 def load_model(directory: Path | str, device: torch.device | str = "cpu") -> LoadedModel:
@@ -111,11 +116,15 @@ def load_model(directory: Path | str, device: torch.device | str = "cpu") -> Loa
         raise ValueError(
             f"{directory}: format {meta['format_version']} is newer than this slimstep ({MODEL_FORMAT})"
         )
-    if meta["kind"] in PROVIDERS:
-        importlib.import_module(PROVIDERS[meta["kind"]])
-    if meta["kind"] not in BUILDERS:
-        raise ValueError(f"{directory}: unknown model kind {meta['kind']!r} (known: {sorted(BUILDERS)})")
-    net = BUILDERS[meta["kind"]](meta)
+    builder = meta.get("builder", meta["kind"])
+    if builder in PROVIDERS:
+        importlib.import_module(PROVIDERS[builder])
+    if builder in FOLDER_BUILDERS:
+        net = FOLDER_BUILDERS[builder](meta, directory)
+    elif builder in BUILDERS:
+        net = BUILDERS[builder](meta)
+    else:
+        raise ValueError(f"{directory}: unknown model kind {builder!r} (known: {sorted(BUILDERS)})")
     fit_weights(net, load_weights(directory), directory / WEIGHTS)
     return LoadedModel(net=net.to(device).eval().requires_grad_(False), meta=meta)
 

@@ -15,7 +15,7 @@ CASES = [
     (kind, name)
     for kind in NETS
     for name, (shape, _) in DATASETS.items()
-    if kind != "unet" or len(shape) == 3
+    if kind not in ("unet", "unet2d") or len(shape) == 3
 ]
 
 
@@ -135,3 +135,25 @@ def test_spec_defaults_build() -> None:
     spec = NetSpec(kind="resmlp")
     assert (spec.width, spec.depth, spec.channels, spec.emb_dim, spec.dropout) == (256, 3, [32, 64], 64, 0.0)
     assert math.prod(build_net(spec, (2,), 8)(*_inputs((2,), 8)).shape) == 16 * 2
+
+
+def test_unet2d_is_ddpm_style_with_attention_at_16() -> None:
+    """Several residual blocks per level, self-attention only on the 16x16 level, the label in the embedding."""
+    spec = NetSpec(kind="unet2d", channels=[32, 64, 64], depth=2, emb_dim=128, dropout=0.1)
+    torch.manual_seed(0)
+    net = build_net(spec, (3, 32, 32), 10)
+    blocks = [type(block).__name__ for block in net.unet.down_blocks]
+    assert blocks == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    assert all(len(block.resnets) == 2 for block in net.unet.down_blocks)
+    assert net.unet.class_embedding.num_embeddings == 10 and net.unet.config.dropout == 0.1
+    x, t, label = _inputs((3, 32, 32), 10, batch=2)
+    with torch.no_grad():
+        v = net(x, t, label)
+        assert not torch.allclose(v, net(x, t, (label + 1) % 10))
+        assert not torch.allclose(v, net(x, 1 - t, label))
+    assert count_macs(net, (3, 32, 32), 10) > count_params(net)  # convs run at every pixel
+
+
+def test_unet2d_refuses_images_it_cannot_halve() -> None:
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_net(NetSpec(kind="unet2d", channels=[16, 32, 32]), (1, 10, 10), 10)

@@ -5,8 +5,9 @@ from torch import nn
 from pipeline.nets.mlp import MLP, ResMLP
 from pipeline.nets.spec import NetSpec
 from pipeline.nets.unet import UNet
+from pipeline.nets.unet2d import UNet2D
 
-NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "resmlp": ResMLP, "unet": UNet}
+NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "resmlp": ResMLP, "unet": UNet, "unet2d": UNet2D}
 
 
 def build_net(spec: NetSpec, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
