@@ -92,9 +92,9 @@ def test_committed_edits_may_be_replaced(repo: Path) -> None:
 
 def test_unknown_profile_lists_the_available_ones(repo: Path) -> None:
     before = (repo / "params.yaml").read_bytes()
-    result = cli("profile", "mnist")
+    result = cli("profile", "imagenet")
     assert result.exit_code == 2
-    assert "no profile 'mnist'; available: cifar10, digits, smoke, toy2d" in said(result)
+    assert "no profile 'imagenet'; available: cifar10, digits, mnist, mnist-unet, smoke, toy2d" in said(result)
     assert (repo / "params.yaml").read_bytes() == before
 
 
