@@ -189,7 +189,8 @@ def test_import_data_refuses_missing_or_unknown_sources(repo: Path, tmp_path: Pa
     assert missing.exit_code == 2 and "nope.npz: no such file or folder" in said(missing)
     (tmp_path / "data.csv").write_text("1,2\n")
     wrong = cli("import-data", str(tmp_path / "data.csv"))
-    assert wrong.exit_code == 2 and "expected a folder (CIFAR-10 python batches) or an .npz file" in said(wrong)
+    assert wrong.exit_code == 2
+    assert "expected an image folder, a folder of CIFAR-10 python batches or an .npz file" in said(wrong)
     assert (repo / "params.yaml").read_bytes() == before
     assert sorted(p.name for p in (repo / "inputs").iterdir()) == ["README.md"]
 

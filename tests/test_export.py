@@ -21,7 +21,9 @@ from pipeline.flow import sample
 from pipeline.modelio import load_model, model_hash, save_model
 from pipeline.msd.router import Router, save_router
 from pipeline.nets import NetSpec, build_net
+from pipeline.profiles import render_text
 from stages.eval import relative_to_teacher
+from tests.conftest import ROOT
 
 pytest.importorskip("onnxruntime")
 SHAPE, CLASSES = (1, 8, 8), 4
@@ -178,10 +180,12 @@ def test_registered_onnx_predicts_in_a_python_without_slimstep_or_torch(
     (root / "models/featurizer").mkdir()
     for name in ("model.pt", "meta.json"):
         (root / "models/featurizer" / name).write_text("{}")
+    (root / "params.yaml").write_text(render_text("smoke", ROOT / "configs"))  # the registry describes its data
     (root / "reports").mkdir()
     (root / "reports/metrics.json").write_text(json.dumps({"distill@fgd/onestep": {"fd": 7.5}}))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("export-test")  # not an active experiment another test left behind in another store
     with mlflow.start_run() as run:
         pass
     done = registry.register_models(run.info.run_id, root, "test")

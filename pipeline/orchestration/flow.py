@@ -39,11 +39,12 @@ from pipeline.orchestration.devices import DevicePool, Slots, ensure_limit, limi
 from pipeline.orchestration.flowlock import FlowRunning, one_flow
 
 FLOW_NAME = "slimstep"
-# The deployment form's choices. tests/test_experiments.py checks them against configs/ and dvc.yaml.
-ProfileChoice = Literal["current", "smoke", "digits", "toy2d", "cifar10"]
+# The deployment form's choices. tests/test_watch.py checks them against configs/ and dvc.yaml.
+ProfileChoice = Literal["current", "smoke", "digits", "toy2d", "mnist", "mnist-unet", "cifar10"]
 # `pairs@…` and `msd@…` depend on the profile's params: their groups (`pairs`, `msd`) stand for them.
 StageName = Literal["data", "featurizer", "teacher", "stepper", "pairs", "anneal", "anneal@slimflow", "anneal@reflow",
-                    "distill", "distill@fgd", "distill@naive", "msd", "router", "eval"]  # fmt: skip
+                    "distill", "distill@fgd", "distill@naive", "distill@naive-paper", "msd", "router",
+                    "meanflow", "eval"]  # fmt: skip
 MAX_WORKERS = 16  # threads only exist for submitted (ready) stages, and each then waits for a device slot
 LEASE_S = 60  # a slot held by a killed process frees itself this long after its last renewal (Prefect's minimum)
 SLOT_POLL_S = 10  # wait for a slot in rounds this long, so a cancelled flow run stops waiting
