@@ -22,9 +22,8 @@ DATA = Path("data")
 def main() -> None:
     with stage("meanflow", ["meanflow"]) as s:
         p, a, d = s.params.meanflow, s.params.anneal, s.params.distill
-        settings = p.model_copy(
-            update={"steps": p.steps or a.steps + d.steps, "batch_size": p.batch_size or d.batch_size}
-        )
+        matched_steps, matched_batch = a.steps + d.steps, d.batch_size  # read always: dvc.yaml lists them
+        settings = p.model_copy(update={"steps": p.steps or matched_steps, "batch_size": p.batch_size or matched_batch})
         train = load_split(DATA).train
         shape, classes = train.shape, train.num_classes
         torch.manual_seed(settings.seed)

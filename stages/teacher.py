@@ -11,6 +11,7 @@ from pipeline.data import RandomBatches, load_split
 from pipeline.flow import RectifiedFlowLoss
 from pipeline.modelio import save_model
 from pipeline.nets import build_net, count_macs, count_params
+from pipeline.teachers import TeacherFolderError, import_teacher, save_teacher
 
 OUT = Path("models/teacher")
 
@@ -33,8 +34,6 @@ def train(s: Stage) -> None:
 
 
 def wrap_imported(s: Stage) -> None:
-    from pipeline.teachers import TeacherFolderError, import_teacher, save_teacher
-
     source, split = s.params.teacher.source.model_dump(), load_split(Path("data"))
     shape = split.train.shape
     try:

@@ -25,6 +25,8 @@ from pipeline import tracking
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Params, ParamsError, TrainSection, load_params
 from pipeline.errors import readable_errors
+from pipeline.flow import sample
+from pipeline.grids import sample_grid
 from pipeline.orchestration.flowlock import stop_with_flow
 from pipeline.runtime import configure_threads, init_distributed, is_main_process, resolve_device
 from pipeline.training import TrainResult, train
@@ -76,9 +78,6 @@ class Stage:
         Fixed noise (seed 0), so reruns and sibling stages draw from the same latents."""
         if isinstance(self.tracker, tracking.NullTracker):
             return
-        from pipeline.flow import sample
-        from pipeline.grids import sample_grid
-
         labels = torch.tensor(classes if classes is not None else list(range(num_classes))).repeat_interleave(per_class)
         z = torch.randn((len(labels), *data_shape), generator=torch.Generator().manual_seed(0))
         device = next(net.parameters()).device
