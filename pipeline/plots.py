@@ -50,10 +50,11 @@ def quality_vs_nfe(board: pd.DataFrame, path: Path, floor: float | None = None) 
                    edgecolors="k", linewidths=0.4, zorder=3)  # fmt: skip
         ax.errorbar(group["x"], group["fd"], yerr=group["fd_std"].fillna(0), fmt="none", ecolor="grey", lw=0.8)
         if model == "teacher":
-            for x, fd, sampler in zip(group["x"], group["fd"], group["sampler"], strict=True):
-                ax.annotate(sampler, (x, fd), xytext=(0, -16), textcoords="offset points", fontsize=7, ha="center",
-                            color="0.15", zorder=5, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                                                          "alpha": 0.8})  # fmt: skip
+            for i, (x, fd, sampler) in enumerate(zip(group["x"], group["fd"], group["sampler"], strict=True)):
+                below = i % 2 == 0  # alternate below / above: neighbouring NFEs would overlap their labels
+                ax.annotate(sampler, (x, fd), xytext=(0, -16 if below else 12), textcoords="offset points",
+                            fontsize=7, ha="center", color="0.15", zorder=5,
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})  # fmt: skip
     if floor is not None and floor > 0:
         ax.axhline(floor, ls="--", c="k", lw=0.8, label="real-data floor")
     ax.set_xscale("log")
