@@ -61,10 +61,13 @@ def fgd_objective(s: Stage, teacher: torch.nn.Module, classes: list[int]) -> Flo
     )  # fmt: skip
 
 
-def initialise(s: Stage, net: torch.nn.Module, spec: NetSpec, teacher_spec: NetSpec) -> str:
-    """Load the student's starting weights; returns where it started (recorded in its metrics)."""
+def initialise(s: Stage, net: torch.nn.Module, spec: NetSpec, teacher_spec: NetSpec | None) -> str:
+    """Load the student's starting weights; returns where it started (recorded in its metrics).
+
+    `teacher_spec` is None for an imported teacher (its net is the user's, not a slimstep NetSpec): a dmd
+    student can then not be a copy of it and starts from random init (+ TSM)."""
     if s.params.msd.objective == "dmd":
-        if spec == teacher_spec:
+        if teacher_spec is not None and spec == teacher_spec:
             fit_weights(net, load_weights(TEACHER), TEACHER)
             return "teacher"
         print(f"msd: the dmd student's net differs from the teacher's, so it starts from random init "
@@ -91,7 +94,8 @@ def main(student: str) -> None:
         groups = partition_classes(num_classes, len(p.students), p.partition, class_means(train), p.partition_seed)
         torch.manual_seed(p.seed)
         net = build_net(spec, shape, num_classes).to(s.device)
-        teacher_spec = NetSpec.model_validate(read_meta(TEACHER)["net"])
+        described = read_meta(TEACHER).get("net")  # absent for an imported teacher
+        teacher_spec = NetSpec.model_validate(described) if described else None
         key, inputs = {"classes": groups[k], "msd": p.model_dump()}, [DATA, TEACHER, ANNEALED]
         metrics: dict = {"init": initialise(s, net, spec, teacher_spec)}
         own = of_classes(train, groups[k])
