@@ -68,7 +68,7 @@ def stage_commands(repo: Path) -> list[list[str]]:
 
     from pipeline.orchestration.dag import read_graph
 
-    cmds = {stage.addressing: stage.cmd.split()[3:] for stage in Repo(str(repo)).index.stages}
+    cmds = {stage.name: stage.cmd.split()[3:] for stage in Repo(str(repo)).index.stages}
     return [cmds[name] for name in read_graph(repo).order()]
 
 

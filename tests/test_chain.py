@@ -158,7 +158,9 @@ def test_regenerated_pairs_come_from_the_annealed_student(smoke_copy: Path) -> N
     (smoke_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = set(yaml.safe_load(run(["dvc", "status", "--json"], smoke_copy).stdout))
     assert {"pairs@regen", "distill@fgd", "msd@0", "msd@1"} <= stale  # params and deps changed
-    assert not stale & {"teacher", "pairs@teacher", "anneal@slimflow", "distill@naive-paper", "distill@naive"}
+    # The naive variants list the whole `distill` section (their recipe and checkpoint key read it), so they are
+    # stale too: an over-declaration (a rerun too many), never a stale cache.
+    assert not stale & {"teacher", "pairs@teacher", "anneal@slimflow"}
 
     assert ran_stages(run(["dvc", "repro", "-s", "pairs@regen"], smoke_copy).stdout) == {"pairs@regen"}
     shard = torch.load(smoke_copy / "pairs" / "regen" / "shard-00000.pt", weights_only=True)

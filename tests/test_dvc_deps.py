@@ -46,8 +46,8 @@ def declared_stages(repo: Path) -> list[Declared]:
             elif dep.def_path.startswith(CODE_DIRS):
                 code.append(dep.def_path.rstrip("/"))
         prefix = "python -m stages "
-        assert stage.cmd.startswith(prefix), f"{stage.addressing}: cmd {stage.cmd!r} is not `{prefix}NAME [ARG]`"
-        out.append(Declared(stage.addressing, stage.cmd.removeprefix(prefix).split(), code, params))
+        assert stage.cmd.startswith(prefix), f"{stage.name}: cmd {stage.cmd!r} is not `{prefix}NAME [ARG]`"
+        out.append(Declared(stage.name, stage.cmd.removeprefix(prefix).split(), code, params))
     return out
 
 
