@@ -126,6 +126,11 @@ CLAIMS = [
     Claim("FGD on regenerated pairs beats naive (paper's reading)", "FID 12.09 → 7.30 (L2)", "FD, one step",
           "distill@naive-paper", "term on, regen pairs", "lower", _ablation(None, "regen_on", "distill@naive-paper"),
           ABLATIONS),
+    Claim("MeanFlow (data only, no teacher) beats naive distillation at equal steps", "– (CIFAR-10 1-NFE FID 2.92,"
+          " arXiv 2505.13447; no distillation baseline)", "FD, one step", "distill@naive", "meanflow", "lower",
+          _fd("distill@naive", "meanflow", "onestep")),
+    Claim("MeanFlow (data only, no teacher) beats FGD", "– (not compared in either paper)", "FD, one step",
+          "distill@fgd", "meanflow", "lower", _fd("distill@fgd", "meanflow", "onestep")),
     Claim("MSD ensemble beats one student of the same size", "FID 1.28 → 1.20 (ImageNet-64, 4 students)",
           "FD, one step", "distill@fgd", "msd@ensemble", "lower", _fd("distill@fgd", "msd@ensemble", "onestep")),
     Claim("more MSD students help (K = 1 vs 5)", "FID 2.60 / 2.49 / 2.37 for K = 1/2/4 (unconfirmed)",

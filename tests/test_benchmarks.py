@@ -136,7 +136,7 @@ def _board(fd: dict[str, float], straight: dict[str, float]) -> pd.DataFrame:
         ("anneal@reflow", "euler-1", 1, 200), ("anneal@reflow", "dopri5-1e-05", 40, 200),
         ("anneal@slimflow", "euler-1", 1, 200), ("anneal@slimflow", "dopri5-1e-05", 40, 200),
         ("distill@naive-paper", "onestep", 1, 200), ("distill@naive", "onestep", 1, 200),
-        ("distill@fgd", "onestep", 1, 200), ("msd@ensemble", "onestep", 1, 400),
+        ("distill@fgd", "onestep", 1, 200), ("msd@ensemble", "onestep", 1, 400), ("meanflow", "onestep", 1, 210),
     ]:  # fmt: skip
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "params": params, "fd": fd[f"{model} {sampler}"],
                      "fd_std": 0.1, "straightness": straight.get(model)})  # fmt: skip
@@ -148,7 +148,7 @@ def _run(tmp_path, name: str, shift: float, stepper: dict | None) -> RunData:
           "anneal@reflow dopri5-1e-05": 4.0, "anneal@slimflow euler-1": 8.0 + shift,
           "anneal@slimflow dopri5-1e-05": 3.0 + shift, "distill@naive-paper onestep": 6.0, "distill@fgd onestep": 5.0,
           "distill@naive onestep": 4.5,
-          "msd@ensemble onestep": 5.5}  # fmt: skip
+          "msd@ensemble onestep": 5.5, "meanflow onestep": 4.0 + 2 * shift}  # fmt: skip
     straight = {"teacher": 0.3, "anneal@reflow": 0.05, "anneal@slimflow": 0.04}
     return RunData(tmp_path / name, _board(fd, straight), stepper)
 
@@ -167,6 +167,9 @@ def test_claim_rows_follow_the_sign_of_the_effect(tmp_path) -> None:
     paper = rows["flow-guided distillation beats naive distillation (paper's reading)"]  # 6.0 → 5.0 in both runs
     assert paper["reproduces"] == "yes" and paper["per_seed"] == "6 → 5; 6 → 5"
     assert rows["flow-guided distillation beats naive distillation (compute-matched)"]["reproduces"] == "no"
+    meanflow = rows["MeanFlow (data only, no teacher) beats naive distillation at equal steps"]  # 4.0, 5.0 vs 4.5
+    assert (meanflow["runs"], meanflow["per_seed"]) == ("1/2", "4.5 → 4; 4.5 → 5")
+    assert rows["MeanFlow (data only, no teacher) beats FGD"]["values"] == [[5, 4], [5, 5]]
     msd = rows["MSD ensemble beats one student of the same size"]  # 5.5 vs 5.0: worse, the sign does not reproduce
     assert msd["reproduces"] == "no" and msd["runs"] == "0/2"
     nfe, err = rows["RL step control needs fewer NFE than dopri5"], rows["RL step control is as accurate as dopri5"]
@@ -193,6 +196,6 @@ def test_plot_points_are_one_per_model_at_its_own_sampler(tmp_path) -> None:
     chosen = dict(zip(points["model"], points["sampler"], strict=True))
     assert chosen == {"teacher": "dopri5-1e-05", "anneal@reflow": "dopri5-1e-05", "anneal@slimflow": "dopri5-1e-05",
                       "distill@naive-paper": "onestep", "distill@naive": "onestep", "distill@fgd": "onestep",
-                      "msd@ensemble": "onestep"}  # fmt: skip
+                      "msd@ensemble": "onestep", "meanflow": "onestep"}  # fmt: skip
     slim = points[points["model"] == "anneal@slimflow"].iloc[0]
     assert slim["fd"] == pytest.approx(3.5) and slim["fd_std"] == pytest.approx(math.sqrt(0.5))  # over runs
