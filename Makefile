@@ -31,7 +31,7 @@ test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
 test-fast: setup  ## unit and exact-maths tests only (no DVC / Prefect / MLflow end to end), under 2 minutes
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -n 2 -m "not slow and not gpu"
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,7 @@ from rich.table import Table
 app = typer.Typer(
     help="Compress a rectified-flow teacher into small one-step generators.", no_args_is_help=True
 )
-console = Console()
+console = Console(soft_wrap=True)  # never break a line inside a path: messages are copied and grepped
 PARAMS, LEADERBOARD = Path("params.yaml"), Path("reports/leaderboard.csv")
 EXPORT_CACHE = Path("scratch/exports")  # `sample --backend onnx` exports here, keyed by the model's hash
 
