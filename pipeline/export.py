@@ -164,14 +164,17 @@ def export_net(net: nn.Module, meta: dict[str, Any], fmt: str, out: Path | str) 
     }  # fmt: skip
 
 
+ONE_STEP_KINDS = ("onestep", "router", "meanflow")  # a meanflow net called as v(x, t, label) is ū(x, t, 1)
+
+
 def export_model(folder: Path | str, fmt: str, out: Path | str, leaderboard: Path | None = None) -> dict[str, Any]:
-    """Export a one-step model folder (student or MSD router) to `out`; write `<out stem>.meta.json`; return it."""
+    """Export a one-step model folder (student, MSD router, MeanFlow) to `out`; write `<stem>.meta.json`; return it."""
     folder, out = Path(folder), Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: allowed {', '.join(FORMATS)}")
     loaded = load_model(folder)
     meta = loaded.meta
-    if meta["kind"] not in ("onestep", "router"):
+    if meta["kind"] not in ONE_STEP_KINDS:
         raise ValueError(f"{folder}: a {meta['kind']!r} model is not a one-step generator; export needs one")
     fd = leaderboard_fd(leaderboard, meta["stage"])
     info = {

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from pipeline.export import PARITY_ATOL, OnnxSampler, cached_onnx, export_model, meta_path
 from pipeline.flow import sample
+from pipeline.meanflow import MeanFlowNet
 from pipeline.modelio import load_model, model_hash, save_model
 from pipeline.msd.router import Router, save_router
 from pipeline.nets import NetSpec, build_net
@@ -35,11 +36,16 @@ SPECS = {
 
 
 def one_step_folder(root: Path, kind: str) -> Path:
-    """A saved one-step model of this net kind (router: two resmlp students, classes {0, 1} and {2, 3})."""
+    """A saved one-step model of this net kind (router: two resmlp students, classes {0, 1} and {2, 3};
+    meanflow: the average-velocity net on a resmlp backbone, as the meanflow stage saves it)."""
     torch.manual_seed(0)
-    folder = root / "models" / ("msd@ensemble" if kind == "router" else f"distill@{kind}")
+    name = {"router": "msd@ensemble", "meanflow": "meanflow"}.get(kind, f"distill@{kind}")
+    folder = root / "models" / name
     meta = {"stage": folder.name, "data_shape": list(SHAPE), "num_classes": CLASSES}
-    if kind == "router":
+    if kind == "meanflow":
+        net = MeanFlowNet(SPECS["resmlp"], SHAPE, CLASSES)
+        save_model(folder, net, {**meta, "kind": "meanflow", "net": SPECS["resmlp"].model_dump()})
+    elif kind == "router":
         students = [build_net(SPECS["resmlp"], SHAPE, CLASSES) for _ in range(2)]
         save_router(Router.from_students(students, [[0, 1], [2, 3]], CLASSES), folder,
                     {**meta, "net": SPECS["resmlp"].model_dump()})  # fmt: skip
@@ -56,7 +62,7 @@ def eager(folder: Path, noise: np.ndarray, label: np.ndarray) -> np.ndarray:
         return sample(net, torch.from_numpy(noise), torch.from_numpy(label), "onestep").x.clamp(-1, 1).numpy()
 
 
-@pytest.mark.parametrize("kind", ["mlp", "resmlp", "unet", "router"])
+@pytest.mark.parametrize("kind", ["mlp", "resmlp", "unet", "router", "meanflow"])
 def test_onnx_matches_eager_pytorch_at_every_batch_size(tmp_path: Path, kind: str) -> None:
     folder = one_step_folder(tmp_path, kind)
     out = tmp_path / "export" / f"{kind}.onnx"
