@@ -30,7 +30,7 @@ flow: setup  ## run the same DAG as a Prefect flow (parallel where the DAG allow
 test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast: setup  ## unit and exact-maths tests only (no DVC / Prefect / MLflow end to end), on two workers
+test-fast: setup  ## unit and exact-maths tests only (no DVC / Prefect / MLflow end to end), two workers, under 2 minutes
 	$(PY) -m pytest -q -n 2 -m "not slow and not gpu"
 
 lint: setup  ## ruff
