@@ -311,7 +311,7 @@ def test_python_source_refusals(tmp_path: Path) -> None:
 # The command and the chain.
 
 
-@pytest.mark.slow  # a Prefect server / several CLI processes: end to end, not the fast lane
+@pytest.mark.slow  # a whole project and several CLI processes (~13 s): end to end, not the fast lane
 def test_import_teacher_command_writes_the_source_and_refuses_in_one_line(tmp_path: Path) -> None:
     repo = make_project(tmp_path / "repo")
     bad = save_ddpm(tmp_path / "bad", 10)

@@ -237,7 +237,7 @@ def test_the_prefect_limit_itself_serialises_stages(
     assert not overlap(*stamps(fake_repo, "b1", "b2"))
 
 
-@pytest.mark.slow  # a Prefect server / several CLI processes: end to end, not the fast lane
+@pytest.mark.slow  # starts the session's Prefect test server (~20 s): end to end, not the fast lane
 def test_slots_left_by_dead_runs_are_released(prefect_api: str, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
