@@ -1,12 +1,15 @@
 """Benchmark: the student-capacity sweep — where SlimFlow pays off (docs/methods.md §3-§4).
 
-Reuses one finished run's teacher and pairs (the first of `--runs`, else `--repo`, else a smoke chain). For
+Each of `--runs` (one training seed each; else `--repo`, else a smoke chain) lends its teacher and pairs. For
 students of about 5 %, 12 %, 25 % and 50 % of the teacher's parameters (the anneal net with another width,
 same kind and depth) it trains, in copies of the run, the five students of the default chain: the annealed
 2-flow and plain reflow, FGD from the annealed student, and both readings of naive distillation. Every method
 gets the run's own recipe (full mode) or every step count divided by QUICK_DIVISOR (--quick): same recipe and
-tuning for each, none tuned per size. Every model is scored at one step (the 2-flows: one Euler step) on the
-`eval` stage's reference and noise. Full mode is sized to ~45 min on a quiet 2-core machine.
+tuning for each, none tuned per size. A size that the run's own student already has (within REUSE_TOLERANCE)
+is that student: full mode scores the run's own five models there instead of training them again. Every model
+is scored at one step (the 2-flows: one Euler step) on the `eval` stage's reference and noise. Full mode is
+sized to ~45 min per run on a quiet 2-core machine; the result file is rewritten after each run, so a long
+multi-seed sweep that is stopped keeps the seeds it finished.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from typing import Any
 import yaml
 
 from benchmarks.ablations import Variant, net_params, prepare, score, train, width_for
-from benchmarks.common import RESULTS, Report
+from benchmarks.common import RESULTS, Report, result_payload, write_result
 from benchmarks.context import Context
+from benchmarks.quality import mean_std, verdict
 
 FRACTIONS = (0.05, 0.12, 0.25, 0.50)  # of the teacher's parameters
+REUSE_TOLERANCE = 0.15  # relative distance of the run's own student from a size's target that counts as that size
 QUICK_DIVISOR = 5
 # Two jobs per size, so that two workers stay busy: the SlimFlow chain, and the students that need no 2-flow.
 JOBS = {
@@ -35,15 +40,23 @@ MODELS = {"slimflow": ("anneal@slimflow", "distill@fgd"),
 LABELS = {"anneal@slimflow": "annealed 2-flow (1 Euler step)", "anneal@reflow": "plain reflow (1 Euler step)",
           "distill@fgd": "FGD", "distill@naive-paper": "naive (paper's reading)",
           "distill@naive": "naive (compute-matched)"}  # fmt: skip
+SIZE_KEYS = ("fraction", "width", "params", "params_ratio")
+RESULTS_PLOT = RESULTS / "capacity.png"
 
 
 def sizes(params: dict[str, Any], shape: tuple[int, ...], classes: int, teacher: int) -> list[tuple[float, int, int]]:
     """(fraction, width, parameters) of each student size; a net kind without a width gives none, and a width
-    that two fractions share (tiny teachers) is kept once."""
+    that two fractions share (tiny teachers) is kept once. A size the run's own student is within
+    REUSE_TOLERANCE of gets the run's own width, so that its trained students are that point."""
     net = params["anneal"]["net"]
+    own = net_params(net, shape, classes) if net["kind"] in ("mlp", "resmlp") else None
     out = []
     for fraction in FRACTIONS:
-        width = width_for(net, shape, classes, fraction * teacher, widest=max(64, 8 * net["width"]))
+        target = fraction * teacher
+        if own is not None and abs(own - target) <= REUSE_TOLERANCE * target:
+            width: int | None = net["width"]
+        else:
+            width = width_for(net, shape, classes, target, widest=max(64, 8 * net["width"]))
         if width is not None and width not in {w for _, w, _ in out}:
             out.append((fraction, width, net_params({**net, "width": width}, shape, classes)))
     return out
@@ -59,8 +72,9 @@ def edits(params: dict[str, Any], width: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-def capacity_plot(rows: list[dict[str, Any]], teacher: dict[str, float], path: Path) -> None:
-    """FD at one step against student parameters, one line per method; the teacher (dopri5) for reference."""
+def capacity_plot(means: list[dict[str, Any]], teacher: dict[str, float], path: Path) -> None:
+    """FD at one step against student parameters, one line per method (mean over seeds, bars: ± std); the
+    teacher (dopri5) for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,17 +82,19 @@ def capacity_plot(rows: list[dict[str, Any]], teacher: dict[str, float], path: P
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, label in LABELS.items():
-        points = sorted((r["params"], r["fd"]) for r in rows if r["model"] == model)
+        points = sorted((r["params"], r["fd_mean"], r["fd_std"]) for r in means if r["model"] == model)
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=label,
-                    linestyle="--" if model.startswith("anneal") else "-")  # fmt: skip
+            x, y, err = zip(*points, strict=True)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label,
+                        linestyle="--" if model.startswith("anneal") else "-")  # fmt: skip
     ax.axhline(
         teacher["fd"], color="grey", linestyle=":", label=f"teacher, {teacher['sampler']} ({teacher['nfe']:.0f} NFE)"
     )
+    seeds = max((r["seeds"] for r in means), default=0)
     ax.set_xscale("log")
     ax.set_xlabel("student parameters (log scale)")
     ax.set_ylabel("FD (one step; lower is better)")
-    ax.set_title("Student capacity: FD at one step vs size")
+    ax.set_title(f"Student capacity: FD at one step vs size ({seeds} training seed{'s' * (seeds != 1)}, ± std)")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -87,61 +103,119 @@ def capacity_plot(rows: list[dict[str, Any]], teacher: dict[str, float], path: P
     plt.close(fig)
 
 
-def run(ctx: Context) -> Report:
-    import pandas as pd
-
+def sweep(ctx: Context, source: Path, index: int) -> list[dict[str, Any]]:
+    """One run's rows: every size's five students, trained in copies (or the run's own, at its own size)."""
     from pipeline.data import load_split
     from pipeline.modelio import load_model
     from pipeline.nets import count_params
 
-    report = Report()
-    source = ctx.runs[0] if ctx.runs else ctx.repo or ctx.smoke_run
-    if not ctx.runs and not ctx.repo:
-        report.notes.append("no --runs / --repo: a smoke-profile run (tiny nets); its curves say nothing about digits")
     params = yaml.safe_load((source / "params.yaml").read_text())
     train_split = load_split(source / "data").train
     teacher_params = count_params(load_model(source / "models" / "teacher").net)
-    jobs: list[tuple[float, int, int, str, Variant, Path]] = []
+    own_width = params["anneal"]["net"].get("width")
+    jobs: list[tuple[dict[str, Any], str, Path, Variant | None]] = []
     for fraction, width, n in sizes(params, train_split.shape, train_split.num_classes, teacher_params):
+        size = {"fraction": fraction, "width": width, "params": n, "params_ratio": n / teacher_params}
         for job, commands in JOBS.items():
-            models = MODELS[job]
-            variant = Variant(f"capacity-{width}-{job}", edits(params, width, ctx.quick), models[0], False, commands,
-                              rebuilt=models[1:])  # fmt: skip
+            if width == own_width and not ctx.quick:
+                jobs.append((size, job, source, None))
+                continue
+            variant = Variant(f"capacity-{index}-{width}-{job}", edits(params, width, ctx.quick), MODELS[job][0],
+                              False, commands, rebuilt=MODELS[job][1:])  # fmt: skip
             copy = ctx.workdir / variant.name
             prepare(source, copy, variant)
-            jobs.append((fraction, width, n, job, variant, copy))
-    jobs.sort(key=lambda j: -j[2] * sum(1 for _ in j[4].commands))  # the largest nets first
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        walls = list(pool.map(lambda j: train(j[5], j[4], threads=ctx.threads), jobs))
-    report.settings["train_wall_s"] = round(time.perf_counter() - started, 1)
-    rows = []
-    for (fraction, width, n, job, _, copy), wall in zip(jobs, walls, strict=True):
-        fds = score(source, [copy / "models" / m for m in MODELS[job]])
-        rows += [{"fraction": fraction, "width": width, "params": n, "params_ratio": n / teacher_params, "model": m,
-                  "fd": fd, "job_train_s": round(wall, 1)} for m, fd in zip(MODELS[job], fds, strict=True)]  # fmt: skip
-    rows.sort(key=lambda r: (r["params"], list(LABELS).index(r["model"])))
-    board = pd.read_csv(source / "reports" / "leaderboard.csv")
+            jobs.append((size, job, copy, variant))
+    todo = sorted((j for j in jobs if j[3] is not None), key=lambda j: -j[0]["params"] * len(j[3].commands))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the largest nets first
+        walls = dict(zip((j[2] for j in todo), pool.map(lambda j: train(j[2], j[3], threads=ctx.threads), todo),
+                         strict=True))  # fmt: skip
+    scored = [(size, job, where, m) for size, job, where, _ in jobs for m in MODELS[job]]
+    fds = score(source, [where / "models" / m for _, _, where, m in scored])  # one reference for all of them
+    rows = [{"run": source.name, "seed": params["distill"]["seed"], **size, "model": m, "fd": fd,
+             "job_train_s": round(walls[where], 1) if where in walls else "the run's own"}
+            for (size, _, where, m), fd in zip(scored, fds, strict=True)]  # fmt: skip
+    return sorted(rows, key=lambda r: (r["params"], list(LABELS).index(r["model"])))
+
+
+def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per size and method: FD mean ± std over the runs (training seeds) and the per-seed values."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((*(r[k] for k in SIZE_KEYS), r["model"]), []).append(r)
+    out = []
+    for (*size, model), group in groups.items():
+        mean, std = mean_std([r["fd"] for r in group])
+        out.append({**dict(zip(SIZE_KEYS, size, strict=True)), "model": model, "fd_mean": mean, "fd_std": std,
+                    "seeds": len(group), "per_seed": "; ".join(f"{r['fd']:.4g}" for r in group)})  # fmt: skip
+    return sorted(out, key=lambda r: (r["params"], list(LABELS).index(r["model"])))
+
+
+def fgd_versus_naive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size: FGD − each naive reading, per seed, as mean ± std and a verdict (lower FD is better)."""
+    fd = {(r["run"], r["fraction"], r["model"]): r["fd"] for r in rows}
+    out = []
+    for fraction in sorted({r["fraction"] for r in rows}):
+        for naive in ("naive-paper", "naive"):
+            method, baseline = "distill@fgd", f"distill@{naive}"
+            deltas = [fd[(run, fraction, method)] - fd[(run, fraction, baseline)]
+                      for run in dict.fromkeys(r["run"] for r in rows)
+                      if (run, fraction, method) in fd and (run, fraction, baseline) in fd]  # fmt: skip
+            if deltas:
+                mean, std = mean_std(deltas)
+                out.append({"fraction": fraction, "baseline": baseline, "fgd_minus_baseline": mean,
+                            "std": std, "fgd_better": f"{sum(d < 0 for d in deltas)}/{len(deltas)}",
+                            "verdict": verdict(deltas, sign=-1)})  # fmt: skip
+    return out
+
+
+def report_of(rows: list[dict[str, Any]], teacher: dict[str, Any], settings: dict[str, Any]) -> Report:
+    import pandas as pd
+
+    report = Report()
+    means = seed_means(rows)
+    plot = RESULTS_PLOT
+    capacity_plot(means, teacher, plot)
+    report.tables["student capacity: FD at one step, mean ± std over training seeds"] = means
+    wide = pd.DataFrame(means).pivot_table(index=["fraction", "width", "params"], columns="model", values="fd_mean")
+    report.tables["mean FD by size (columns: methods)"] = wide.reset_index().to_dict("records")
+    comparisons = fgd_versus_naive(rows)
+    report.tables["FGD − naive at each size (per-seed differences; lower FD is better)"] = comparisons
+    report.tables["every run, size and method"] = rows
+    for c in comparisons:
+        name = c["baseline"].split("@")[1]
+        report.summary[f"FGD − {name} FD at {c['fraction']:.0%} of the teacher"] = c["fgd_minus_baseline"]
+    report.figures.update({"rows": rows, "means": means, "teacher": teacher, "plot": str(plot)})
+    report.settings.update(settings)
+    report.notes.append("every model at one step (the 2-flows: one Euler step), the eval stage's reference "
+                        "and noise; teacher and pairs are each run's, its training seed its distill.seed")  # fmt: skip
+    return report
+
+
+def run(ctx: Context) -> Report:
+    import pandas as pd
+
+    from pipeline.modelio import load_model
+    from pipeline.nets import count_params
+
+    sources = ctx.runs or [ctx.repo or ctx.smoke_run]
+    first = sources[0]
+    params = yaml.safe_load((first / "params.yaml").read_text())
+    board = pd.read_csv(first / "reports" / "leaderboard.csv")
     teacher_rows = board[(board["model"] == "teacher") & board["sampler"].str.startswith("dopri5")]
     teacher = {"fd": float("nan"), "sampler": "?", "nfe": 0}
     if len(teacher_rows):
         teacher = teacher_rows.iloc[-1][["sampler", "nfe", "fd"]].to_dict()
-    plot = RESULTS / "capacity.png"
-    capacity_plot(rows, teacher, plot)
-    report.tables["student capacity: FD at one step per method and size"] = rows
-    wide = pd.DataFrame(rows).pivot_table(index=["fraction", "width", "params"], columns="model", values="fd")
-    report.tables["FD by size (columns: methods)"] = wide.reset_index().to_dict("records")
-    fd = {(r["fraction"], r["model"]): r["fd"] for r in rows}
-    for fraction, *_ in {(r["fraction"],) for r in rows}:
-        for naive in ("naive-paper", "naive"):
-            key = (fraction, f"distill@{naive}")
-            if key in fd and (fraction, "distill@fgd") in fd:
-                report.summary[f"FGD − {naive} FD at {fraction:.0%} of the teacher"] = (
-                    fd[(fraction, "distill@fgd")] - fd[key]
-                )
-    report.figures.update({"rows": rows, "teacher": teacher, "teacher_params": teacher_params, "plot": str(plot)})
     steps = {k: v for k, v in edits(params, 0, ctx.quick).items() if k != "anneal.net"} or "the run's own"
-    report.settings.update({"run": str(source), "fractions": list(FRACTIONS), "steps": steps})
-    report.notes.append("every model at one step (the 2-flows: one Euler step), the eval stage's reference and noise; "
-                        "one training seed (the run's)")  # fmt: skip
+    settings = {"runs": [str(s) for s in sources], "fractions": list(FRACTIONS), "steps": steps,
+                "teacher_params": count_params(load_model(first / "models" / "teacher").net)}  # fmt: skip
+    started, rows = time.perf_counter(), []
+    for index, source in enumerate(sources):
+        rows += sweep(ctx, source, index)
+        report = report_of(rows, teacher, {**settings, "runs_done": index + 1})
+        if index + 1 < len(sources):  # the runner writes the final file; this one keeps finished seeds safe
+            wall = time.perf_counter() - started
+            write_result(ctx.results / "capacity.json", result_payload("capacity", ctx.mode, ctx.seed, wall, report))
+    report.settings["train_and_score_s"] = round(time.perf_counter() - started, 1)
+    if not ctx.runs and not ctx.repo:
+        report.notes.append("no --runs / --repo: a smoke-profile run (tiny nets); its curves say nothing about digits")
     return report

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.ablations import net_params
-from benchmarks.capacity import FRACTIONS, QUICK_DIVISOR, edits, sizes
+from benchmarks.capacity import FRACTIONS, QUICK_DIVISOR, REUSE_TOLERANCE, edits, fgd_versus_naive, seed_means, sizes
 from benchmarks.diagnostics import two_step_targets
 from benchmarks.quality import verdict
 from pipeline.config import AnnealSection, DistillSection, NetSpec
@@ -50,14 +50,51 @@ def test_verdicts_separate_effects_from_noise() -> None:
     assert verdict([-0.3], sign=-1) == "reproduces (1 seed: noise unknown)"
 
 
-def test_capacity_sizes_hit_the_fractions_of_the_teacher() -> None:
+def test_capacity_sizes_hit_the_fractions_of_the_teacher_and_reuse_the_run_s_own_student() -> None:
     teacher = 895_808
+    own = net_params(NET, (1, 8, 8), 10)
     found = sizes({"anneal": {"net": NET}}, (1, 8, 8), 10, teacher)
     assert [f for f, _, _ in found] == list(FRACTIONS)
     for fraction, width, params in found:
         assert params == net_params({**NET, "width": width}, (1, 8, 8), 10)
-        assert abs(params / teacher - fraction) < 0.01
+        if width == NET["width"]:  # the run's own student stands for the size it is close to
+            assert abs(own - fraction * teacher) <= REUSE_TOLERANCE * fraction * teacher
+        else:
+            assert abs(params / teacher - fraction) < 0.01
+    assert [w for f, w, _ in found if f == 0.25] == [NET["width"]]
     assert [w for _, w, _ in found] == sorted(w for _, w, _ in found)
+
+
+def test_a_run_whose_student_is_far_from_every_size_reuses_nothing() -> None:
+    far = {**NET, "width": 400}  # ~0.9 M parameters: the teacher's size, no fraction near it
+    assert NET["width"] not in [w for _, w, _ in sizes({"anneal": {"net": far}}, (1, 8, 8), 10, 895_808)]
+    assert 400 not in [w for _, w, _ in sizes({"anneal": {"net": far}}, (1, 8, 8), 10, 895_808)]
+
+
+def _rows(fds: dict[tuple[str, float, str], float]) -> list[dict]:
+    return [{"run": run, "fraction": f, "width": int(f * 1000), "params": int(f * 10_000), "params_ratio": f,
+             "model": model, "fd": fd} for (run, f, model), fd in fds.items()]  # fmt: skip
+
+
+def test_capacity_means_and_verdicts_are_over_the_runs_at_each_size() -> None:
+    fds = {}
+    for run, shift in (("s0", 0.0), ("s1", 1.0), ("s2", 2.0)):
+        fds |= {(run, 0.05, "distill@fgd"): 10.0 + shift, (run, 0.05, "distill@naive"): 12.0 + shift,
+                (run, 0.05, "distill@naive-paper"): 9.0 + 2 * shift,
+                (run, 0.5, "distill@fgd"): 5.0, (run, 0.5, "distill@naive"): 4.0 + shift / 10}  # fmt: skip
+    means = {(r["fraction"], r["model"]): r for r in seed_means(_rows(fds))}
+    assert means[(0.05, "distill@fgd")]["fd_mean"] == pytest.approx(11.0)
+    assert means[(0.05, "distill@fgd")]["fd_std"] == pytest.approx(1.0)
+    assert means[(0.05, "distill@fgd")]["seeds"] == 3
+    assert means[(0.05, "distill@naive-paper")]["per_seed"] == "9; 11; 13"
+    versus = {(c["fraction"], c["baseline"]): c for c in fgd_versus_naive(_rows(fds))}
+    assert versus[(0.05, "distill@naive")]["fgd_minus_baseline"] == pytest.approx(-2.0)
+    assert versus[(0.05, "distill@naive")]["std"] == pytest.approx(0.0)
+    assert versus[(0.05, "distill@naive")]["verdict"] == "reproduces"  # FGD lower in every seed
+    assert versus[(0.05, "distill@naive-paper")]["fgd_better"] == "1/3"  # +1, 0, -1
+    assert versus[(0.05, "distill@naive-paper")]["verdict"] == "inside the noise"
+    assert versus[(0.5, "distill@naive")]["verdict"] == "does not"  # FGD higher by 1.0, 0.9, 0.8
+    assert (0.5, "distill@naive-paper") not in versus  # a baseline a size lacks is not compared
 
 
 def test_capacity_quick_divides_every_budget_alike() -> None:
