@@ -40,6 +40,9 @@ MODELS = {"slimflow": ("anneal@slimflow", "distill@fgd"),
 LABELS = {"anneal@slimflow": "annealed 2-flow (1 Euler step)", "anneal@reflow": "plain reflow (1 Euler step)",
           "distill@fgd": "FGD", "distill@naive-paper": "naive (paper's reading)",
           "distill@naive": "naive (compute-matched)"}  # fmt: skip
+COLORS = {"anneal@slimflow": "tab:blue", "anneal@reflow": "tab:orange", "distill@fgd": "tab:green",
+          "distill@naive-paper": "tab:red", "distill@naive": "tab:purple"}  # fmt: skip
+BASELINE = "distill@naive"  # the strongest fair baseline: the compute-matched naive student
 SIZE_KEYS = ("fraction", "width", "params", "params_ratio")
 RESULTS_PLOT = RESULTS / "capacity.png"
 
@@ -72,31 +75,53 @@ def edits(params: dict[str, Any], width: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-def capacity_plot(means: list[dict[str, Any]], teacher: dict[str, float], path: Path) -> None:
-    """FD at one step against student parameters, one line per method (mean over seeds, bars: ± std); the
-    teacher (dopri5) for reference."""
+def capacity_plot(rows: list[dict[str, Any]], teacher: dict[str, float], path: Path) -> None:
+    """Left: FD at one step against student parameters, one line per method (mean over seeds, bars ± std),
+    the teacher (dopri5) for reference. Right: each distilled student's FD minus the compute-matched naive
+    student's, per seed then averaged — below zero is where a method pays off against that baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    means = seed_means(rows)
+    params_of = {r["fraction"]: r["params"] for r in means}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for model, label in LABELS.items():
         points = sorted((r["params"], r["fd_mean"], r["fd_std"]) for r in means if r["model"] == model)
         if points:
             x, y, err = zip(*points, strict=True)
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label,
-                        linestyle="--" if model.startswith("anneal") else "-")  # fmt: skip
-    ax.axhline(
+            left.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, color=COLORS[model],
+                          linestyle="--" if model.startswith("anneal") else "-")  # fmt: skip
+    left.axhline(
         teacher["fd"], color="grey", linestyle=":", label=f"teacher, {teacher['sampler']} ({teacher['nfe']:.0f} NFE)"
     )
+    left.set_yscale("log")
+    left.yaxis.set_major_formatter(plain), left.yaxis.set_minor_formatter(plain)
+    left.set_ylabel("FD (one step; log scale, lower is better)")
+    left.set_title("FD at one step vs student size")
+    left.legend(fontsize=8, loc="upper right")
+    for model in ("distill@fgd", "distill@naive-paper"):
+        deltas = paired_deltas(rows, model, BASELINE)
+        points = sorted((params_of[f], *mean_std(d)) for f, d in deltas.items())
+        if points:
+            x, y, err = zip(*points, strict=True)
+            right.errorbar(x, y, yerr=err, marker="o", capsize=3, color=COLORS[model], label=LABELS[model])
+    right.axhline(0.0, color=COLORS[BASELINE], label=f"{LABELS[BASELINE]} (zero line)")
+    right.set_ylabel(f"FD − {LABELS[BASELINE]} (below 0: better)")
+    right.set_title("against the compute-matched naive student")
+    right.legend(fontsize=8)
     seeds = max((r["seeds"] for r in means), default=0)
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters (log scale)")
-    ax.set_ylabel("FD (one step; lower is better)")
-    ax.set_title(f"Student capacity: FD at one step vs size ({seeds} training seed{'s' * (seeds != 1)}, ± std)")
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        sizes_shown = sorted({(r["params"], r["params_ratio"]) for r in means})
+        ax.set_xticks([n for n, _ in sizes_shown], [f"{n / 1000:.0f}k\n{q:.0%}" for n, q in sizes_shown])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("student parameters (log scale; % of the teacher's)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"Student capacity sweep: {seeds} training seed{'s' * (seeds != 1)}, bars ± std over seeds")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -150,22 +175,26 @@ def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["params"], list(LABELS).index(r["model"])))
 
 
+def paired_deltas(rows: list[dict[str, Any]], method: str, baseline: str) -> dict[float, list[float]]:
+    """Per size: method − baseline FD in every run that has both (one value per training seed)."""
+    fd = {(r["run"], r["fraction"], r["model"]): r["fd"] for r in rows}
+    out: dict[float, list[float]] = {}
+    for run, fraction in dict.fromkeys((r["run"], r["fraction"]) for r in rows):
+        if (run, fraction, method) in fd and (run, fraction, baseline) in fd:
+            out.setdefault(fraction, []).append(fd[(run, fraction, method)] - fd[(run, fraction, baseline)])
+    return out
+
+
 def fgd_versus_naive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per size: FGD − each naive reading, per seed, as mean ± std and a verdict (lower FD is better)."""
-    fd = {(r["run"], r["fraction"], r["model"]): r["fd"] for r in rows}
     out = []
-    for fraction in sorted({r["fraction"] for r in rows}):
-        for naive in ("naive-paper", "naive"):
-            method, baseline = "distill@fgd", f"distill@{naive}"
-            deltas = [fd[(run, fraction, method)] - fd[(run, fraction, baseline)]
-                      for run in dict.fromkeys(r["run"] for r in rows)
-                      if (run, fraction, method) in fd and (run, fraction, baseline) in fd]  # fmt: skip
-            if deltas:
-                mean, std = mean_std(deltas)
-                out.append({"fraction": fraction, "baseline": baseline, "fgd_minus_baseline": mean,
-                            "std": std, "fgd_better": f"{sum(d < 0 for d in deltas)}/{len(deltas)}",
-                            "verdict": verdict(deltas, sign=-1)})  # fmt: skip
-    return out
+    for baseline in ("distill@naive-paper", "distill@naive"):
+        for fraction, deltas in paired_deltas(rows, "distill@fgd", baseline).items():
+            mean, std = mean_std(deltas)
+            out.append({"fraction": fraction, "baseline": baseline, "fgd_minus_baseline": mean, "std": std,
+                        "fgd_better": f"{sum(d < 0 for d in deltas)}/{len(deltas)}",
+                        "verdict": verdict(deltas, sign=-1)})  # fmt: skip
+    return sorted(out, key=lambda r: (r["fraction"], r["baseline"] != "distill@naive-paper"))
 
 
 def report_of(rows: list[dict[str, Any]], teacher: dict[str, Any], settings: dict[str, Any]) -> Report:
@@ -174,7 +203,7 @@ def report_of(rows: list[dict[str, Any]], teacher: dict[str, Any], settings: dic
     report = Report()
     means = seed_means(rows)
     plot = RESULTS_PLOT
-    capacity_plot(means, teacher, plot)
+    capacity_plot(rows, teacher, plot)
     report.tables["student capacity: FD at one step, mean ± std over training seeds"] = means
     wide = pd.DataFrame(means).pivot_table(index=["fraction", "width", "params"], columns="model", values="fd_mean")
     report.tables["mean FD by size (columns: methods)"] = wide.reset_index().to_dict("records")
