@@ -7,9 +7,9 @@ same kind and depth) it trains, in copies of the run, the five students of the d
 gets the run's own recipe (full mode) or every step count divided by QUICK_DIVISOR (--quick): same recipe and
 tuning for each, none tuned per size. A size that the run's own student already has (within REUSE_TOLERANCE)
 is that student: full mode scores the run's own five models there instead of training them again. Every model
-is scored at one step (the 2-flows: one Euler step) on the `eval` stage's reference and noise. Full mode is
-sized to ~45 min per run on a quiet 2-core machine; the result file is rewritten after each run, so a long
-multi-seed sweep that is stopped keeps the seeds it finished.
+is scored at one step (the 2-flows: one Euler step) on the `eval` stage's reference and noise. Full mode took
+28 min per run on a quiet 2-core machine (digits default, 2026-12-01); the result file is rewritten after
+each run, so a long multi-seed sweep that is stopped keeps the seeds it finished.
 """
 
 from __future__ import annotations

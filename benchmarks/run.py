@@ -4,7 +4,7 @@
     python -m benchmarks.run                      # full, <= 30 min
     python -m benchmarks.run --only sampling --repo path/to/finished/digits/run
     python -m benchmarks.run --only quality --runs run-seed0 run-seed1 run-seed2
-    python -m benchmarks.run --only capacity --runs run-seed0   # student-capacity sweep, ~45 min (--quick ~10)
+    python -m benchmarks.run --only capacity --runs r0 r1 r2    # student-capacity sweep, ~28 min per run
 
 Every speed figure is a ratio of two things timed alternately in the same run (median of >= 5 paired
 repeats); see benchmarks/common.py. `slimstep bench` calls this.
