@@ -24,25 +24,22 @@ def curve(out: Path, every: int, lr: float | None) -> list[dict[str, Any]]:
     import torch
 
     from pipeline.config import load_params
-    from pipeline.data import RandomBatches, load_split
+    from pipeline.data import load_split
     from pipeline.evaluation import eval_inputs, evaluate_sampler
-    from pipeline.meanflow import MeanFlowLoss, MeanFlowNet
     from pipeline.modelio import load_model, save_model
     from pipeline.runtime import configure_threads
     from pipeline.training import train
+    from stages.meanflow import recipe
 
     configure_threads()  # SLIMSTEP_THREADS, as a stage: same threads, same weights
     params = load_params(Path("params.yaml"))
-    p, a, d, e = params.meanflow, params.anneal, params.distill, params.eval
-    update: dict[str, Any] = {"steps": p.steps or a.steps + d.steps, "batch_size": p.batch_size or d.batch_size}
-    settings = p.model_copy(update={**update, **({"lr": lr} if lr is not None else {})})
+    if lr is not None:
+        params = params.model_copy(update={"meanflow": params.meanflow.model_copy(update={"lr": lr})})
+    a, e = params.anneal, params.eval
     split = load_split(Path("data"))
     ref, noise = eval_inputs(split, load_model(Path("models/featurizer")).net, e.n_samples, e.seeds)
     data = split.train
-    torch.manual_seed(settings.seed)
-    net = MeanFlowNet(a.net, data.shape, data.num_classes)
-    loss = MeanFlowLoss(p.flow_fraction, p.time_mean, p.time_std, p.weight_power, p.weight_c)
-    batches = RandomBatches(data, settings.batch_size, settings.seed, torch.device("cpu"))
+    settings, net, loss, batches = recipe(params, data, torch.device("cpu"))
     work = out.with_suffix(".work")
     work.mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
