@@ -129,3 +129,26 @@ def test_meanflow_loss_trains_a_net_towards_the_exact_one_step_map() -> None:
         value.backward()
         optimizer.step()
     assert gap() < 0.2 * before, (before, gap())
+
+
+def test_target_from_the_moving_rows_alone_equals_one_jvp_over_the_whole_batch() -> None:
+    """The JVP runs only where b > a; the target (and the loss's gradient) is the full-batch identity's."""
+    torch.manual_seed(3)
+    net = MeanFlowNet(NetSpec(kind="resmlp", width=32, depth=2, emb_dim=8), (DIM,), 3).double()
+    a, b = _times(64)
+    x, z = _data(64)
+    label, x_a = torch.arange(64) % 3, interpolate(x, z, a)
+
+    def average(x: Tensor, start: Tensor, end: Tensor) -> Tensor:
+        return net(x, start, label, end)
+
+    u_ref, du_da = torch.func.jvp(average, (x_a, a, b), (x - z, torch.ones_like(a), torch.zeros_like(b)))
+    target_ref = (x - z) + expand_time(b - a, u_ref) * du_da
+    u, target = average_velocity_and_target(net, x_a, a, b, x - z, label)
+    assert 0 < int((b > a).sum()) < 64  # both kinds of rows are present
+    torch.testing.assert_close(target, target_ref.detach())
+    weights = list(net.parameters())
+    grads = torch.autograd.grad((u - target).pow(2).sum(), weights)
+    for grad, grad_ref in zip(grads, torch.autograd.grad((u_ref - target_ref.detach()).pow(2).sum(), weights),
+                              strict=True):  # fmt: skip
+        torch.testing.assert_close(grad, grad_ref)
