@@ -9,7 +9,11 @@ student (docs/methods.md §4–§5) and re-runs only the student stages:
 - `msd_k5`: five MSD students (`msd.students = [0..4]`) and their router, first run only;
 - `tsm_on` / `tsm_off`: two half-size MSD students (about half the single student's parameters, random
   init) with `msd.tsm_steps` TSM steps first, and without TSM but given as many extra objective steps
-  (TSM steps are the cheaper ones, so the baseline gets at least equal compute), first run only.
+  (TSM steps are the cheaper ones, so the baseline gets at least equal compute), first run only;
+- `dmd_k1` / `dmd_k2` / `dmd_k4`: MSD with the DMD2 objective and K = 1, 2, 4 students, every run, each student
+  on the same reduced budget (`DMD_BUDGET`): TSM warm start, the DM phase, then the GAN phase. Each is also
+  scored as it stood before its GAN phase (`<name>_before_gan`: the students' DM-phase weights behind one router),
+  so with and without GAN come from the same training run.
 Each variant's model is scored with the `eval` stage's own reference and noise (`eval_inputs`), so its
 FD is comparable with the run's leaderboard rows. MLflow is off in the copies: they are throw-away.
 """
@@ -32,6 +36,11 @@ from benchmarks.context import env
 COPIED = ("params.yaml", "dvc.yaml", "pipeline", "stages", "data", "models", "metrics")  # never scratch/: no resume
 LINKED = ("pairs",)  # large and read-only for student stages: each set is linked, new sets are written in the copy
 REGEN = "regen"
+# Fractions of `msd.steps` for every DMD2 student of the K sweep. A DMD2 step (one generator update, five
+# fake-net updates on fresh samples) costs about six naive steps on CPU and a GAN step about sixteen, so the
+# profile's 5 000 steps for 14 students per seed would take days on 2 cores; every K gets the same budget.
+DMD_BUDGET = {"tsm_steps": 0.2, "steps": 0.1, "gan_steps": 0.03}
+DMD_STUDENTS = (1, 2, 4)
 
 
 @dataclass
@@ -42,6 +51,7 @@ class Variant:
     first_run_only: bool
     commands: list[list[str]] = field(default_factory=list)
     rebuilt: tuple[str, ...] = ()  # further models its commands rebuild (removed from the copy first)
+    before_gan: bool = False  # also score the MSD ensemble as it stood before the GAN phase
 
 
 def students_commands(students: list[int]) -> list[list[str]]:
@@ -84,10 +94,21 @@ def regen_variants(params: dict[str, Any]) -> list[Variant]:
             Variant("regen_off", off, "distill@fgd", False, commands)]  # fmt: skip
 
 
+def dmd_variants(params: dict[str, Any], classes: int) -> list[Variant]:
+    """MSD with DMD2 students (TSM, DM, GAN) for each K in DMD_STUDENTS that the classes allow."""
+    budget = {f"msd.{key}": max(1, round(params["msd"]["steps"] * share)) for key, share in DMD_BUDGET.items()}
+    out = []
+    for k in (k for k in DMD_STUDENTS if k <= classes):
+        students = list(range(k))
+        edits = {"msd.objective": "dmd", "msd.students": students, **budget}
+        out.append(Variant(f"dmd_k{k}", edits, "msd@ensemble", False, students_commands(students), before_gan=True))
+    return out
+
+
 def variants(params: dict[str, Any], shape: tuple[int, ...], classes: int) -> list[Variant]:
     msd = params["msd"]
     out = [Variant("term_off", {"distill.guidance_weight": 0.0}, "distill@fgd", False, [["stages", "distill", "fgd"]]),
-           *regen_variants(params)]  # fmt: skip
+           *regen_variants(params), *dmd_variants(params, classes)]  # fmt: skip
     if classes >= 5:
         five = [0, 1, 2, 3, 4]
         out.append(Variant("msd_k5", {"msd.students": five}, "msd@ensemble", True, students_commands(five)))
@@ -144,6 +165,26 @@ def train(copy: Path, variant: Variant, threads: int) -> float:
     return time.perf_counter() - start
 
 
+def before_gan_ensemble(copy: Path) -> Path:
+    """The copy's MSD ensemble rebuilt from its students' DM-phase weights (stages/msd.py keeps them)."""
+    from pipeline.modelio import load_model, load_weights, read_meta
+    from pipeline.msd import Router, save_router
+    from stages.msd import BEFORE_GAN
+
+    ensemble, students = copy / "models" / "msd@ensemble", []
+    meta = read_meta(ensemble)
+    for k in range(len(meta["groups"])):
+        folder = copy / "models" / "msd" / str(k)
+        student = load_model(folder).net
+        student.load_state_dict(load_weights(folder, BEFORE_GAN))
+        students.append(student)
+    out = ensemble.with_name("msd@ensemble-before-gan")
+    kept = {key: meta[key] for key in ("net", "data_shape", "partition", "objective")}
+    save_router(Router.from_students(students, meta["groups"], meta["num_classes"]), out,
+                {**kept, "stage": "msd@ensemble-before-gan"})  # fmt: skip
+    return out
+
+
 def score(run: Path, models: list[Path]) -> list[float]:
     """One-step FD of each model, on the run's eval reference and noise (the leaderboard's protocol)."""
     from pipeline.config import load_params
@@ -179,8 +220,13 @@ def run_ablations(
         walls = list(pool.map(lambda job: train(job[2], job[1], threads=1), jobs))
     results: dict[Path, dict[str, dict[str, float]]] = {}
     for run in runs:
-        done = [(job, wall) for job, wall in zip(jobs, walls, strict=True) if job[0] == run]
-        fds = score(run, [copy / "models" / variant.model for (_, variant, copy), _ in done])
-        results[run] = {variant.name: {"fd": fd, "train_s": round(wall, 1)}
-                        for ((_, variant, _), wall), fd in zip(done, fds, strict=True)}  # fmt: skip
+        scored: list[tuple[str, Path, float]] = []  # (result name, model, training wall seconds)
+        for (job_run, variant, copy), wall in zip(jobs, walls, strict=True):
+            if job_run == run:
+                scored.append((variant.name, copy / "models" / variant.model, wall))
+                if variant.before_gan:
+                    scored.append((f"{variant.name}_before_gan", before_gan_ensemble(copy), wall))
+        fds = score(run, [model for _, model, _ in scored])
+        results[run] = {name: {"fd": fd, "train_s": round(wall, 1)}
+                        for (name, _, wall), fd in zip(scored, fds, strict=True)}  # fmt: skip
     return results

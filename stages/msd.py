@@ -8,6 +8,8 @@ init — then `msd.tsm_steps` of Teacher Score Matching are its warm start; the 
 L2 regression on pairs, and `msd.gan_steps > 0` adds a second phase at `msd.gan_lr` with the GAN head on
 the fake net's features and real data of the student's classes. TSM, the DM phase and the GAN phase are
 runs with their own checkpoints. Pair terms see every pair; fresh-noise terms only the student's classes.
+With the GAN phase on, the DM phase's EMA weights are kept beside the final ones (`before-gan.pt`), so what the
+GAN phase adds can be measured on one training run (`load_weights(models/msd/<k>, BEFORE_GAN)`).
 """
 
 import copy
@@ -28,6 +30,7 @@ from pipeline.slimflow import FlowGuidedDistillationLoss
 from pipeline.training import learning_rate
 
 DATA, TEACHER, ANNEALED = Path("data"), Path("models/teacher"), Path("models/anneal@slimflow")
+BEFORE_GAN = "before-gan.pt"
 # The `distill` keys an `fgd` student uses (its guide); dvc.yaml lists exactly these for msd@*.
 GUIDE_KEYS = {"guide", "guide_steps", "s_min", "s_max", "distance", "huber_c", "lpips_weights", "guidance_weight"}
 
@@ -113,7 +116,9 @@ def main(student: str) -> None:
         result = s.train(net, loss, batches, p, section, [*inputs, pairs])
         metrics["final_loss"] = sum(result.losses[-100:]) / len(result.losses[-100:])
         s.log_samples(result.ema, list(shape), num_classes, classes=list(groups[k]))
+        extra = {}
         if p.objective == "dmd" and p.gan_steps:
+            extra[BEFORE_GAN] = {name: w.detach().cpu().clone() for name, w in result.ema.state_dict().items()}
             gan = p.model_copy(update={"steps": p.gan_steps, "lr": p.gan_lr, "warmup_steps": 0})
             loss.gan_on = True  # type: ignore[union-attr]
             follow_generator(loss, gan)  # type: ignore[arg-type]
@@ -122,7 +127,7 @@ def main(student: str) -> None:
         save_model(Path(f"models/msd/{k}"), result.ema.cpu(), {
             "stage": f"msd@{k}", "kind": "onestep", "net": spec.model_dump(), "data_shape": list(shape),
             "num_classes": num_classes, "classes": groups[k], "partition": p.partition, "objective": p.objective,
-        })  # fmt: skip
+        }, extra)  # fmt: skip
         s.write_metrics({
             **metrics, "classes": groups[k],
             "params": count_params(net), "macs": count_macs(net, shape, num_classes),

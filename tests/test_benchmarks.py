@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from benchmarks import quality
 from benchmarks.common import (
     SCHEMA_KEYS,
     Report,
@@ -185,8 +187,27 @@ def test_claim_rows_follow_the_sign_of_the_effect(tmp_path) -> None:
     assert rows["more MSD students help (K = 1 vs 5)"]["values"] == [[5.0, 4.0]]
     assert rows["TSM warm start helps half-size students"]["values"] == [[9.0, 8.0]]
 
+    runs[0].ablations = {"dmd_k1": {"fd": 30.0}, "dmd_k2": {"fd": 28.0}, "dmd_k1_before_gan": {"fd": 29.0}}
+    rows = {c.claim: claim_row(c, runs) for c in CLAIMS}
+    assert rows["more DMD2 students help (K = 1 vs 2, GAN phase on)"]["values"] == [[30.0, 28.0]]
+    gan = rows["the GAN phase improves DMD2 students (K = 1)"]  # 29 before, 30 after: worse
+    assert (gan["values"], gan["reproduces"]) == ([[29.0, 30.0]], "no")
+    assert rows["the GAN phase improves DMD2 students (K = 4)"]["reproduces"] == "not measured"
+
     higher = Claim("x", "p", "m", "fgd", "msd", "higher", lambda r: (1.0, 2.0))
     assert claim_row(higher, runs)["reproduces"] == "yes"
+
+
+def test_ablations_not_rerun_keep_their_stored_measurement(tmp_path, monkeypatch) -> None:
+    table = [{"run": "/r0", "variant": "term_off", "fd": 5.0, "train_s": 1.0},
+             {"run": "/r0", "variant": "dmd_k1", "fd": 9.0, "train_s": 2.0},
+             {"run": "/r0", "variant": "dmd_k1_before_gan", "fd": 8.0, "train_s": 2.0},
+             {"run": "/other", "variant": "term_off", "fd": 7.0, "train_s": 1.0}]  # fmt: skip
+    stored = {"tables": {"ablations (student stages re-run in copies of the runs)": table}}
+    (tmp_path / "quality.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    kept = quality.stored_ablations([Path("/r0"), Path("/r1")], rerun={"dmd_k1"})
+    assert kept == {"/r0": {"term_off": {"fd": 5.0, "train_s": 1.0}}}  # dmd_k1 and its pre-GAN row are re-run
 
 
 def test_plot_points_are_one_per_model_at_its_own_sampler(tmp_path) -> None:

@@ -11,9 +11,9 @@ import torch
 
 from pipeline.data import load_split
 from pipeline.flow import EPS
-from pipeline.modelio import load_model
+from pipeline.modelio import load_model, load_weights
 from pipeline.msd import partition_classes
-from stages.msd import class_means
+from stages.msd import BEFORE_GAN, class_means
 from tests.conftest import run
 from tests.test_chain import edit_params, ran_stages
 
@@ -70,3 +70,7 @@ def test_dmd_students_with_tsm_and_gan_resume_after_a_kill_and_match_a_clean_run
         assert metrics["classes"] == group and metrics["tsm_final_loss"] > 0 and metrics["final_loss"] > 0
         assert metrics["gan_final_loss"] > 0 and metrics["init"] == "random"  # smoke's student is not the teacher
         assert json.loads((smoke_copy / f"models/msd/{k}/meta.json").read_text())["objective"] == "dmd"
+        folder = smoke_copy / f"models/msd/{k}"
+        before, after = load_weights(folder, BEFORE_GAN), load_weights(folder)
+        assert before.keys() == after.keys()  # the DM phase's student, which the GAN phase then moved
+        assert any(not torch.equal(before[name], after[name]) for name in before)
