@@ -36,9 +36,9 @@ from benchmarks.context import env
 COPIED = ("params.yaml", "dvc.yaml", "pipeline", "stages", "data", "models", "metrics")  # never scratch/: no resume
 LINKED = ("pairs",)  # large and read-only for student stages: each set is linked, new sets are written in the copy
 REGEN = "regen"
-# Fractions of `msd.steps` for every DMD2 student of the K sweep. A DMD2 step (one generator update, five
-# fake-net updates on fresh samples) costs about six naive steps on CPU and a GAN step about sixteen, so the
-# profile's 5 000 steps for 14 students per seed would take days on 2 cores; every K gets the same budget.
+# Fractions of `msd.steps` for every DMD2 student of the K sweep. A DM step (one generator update, five
+# fake-net updates on fresh samples) costs about ten TSM steps on CPU and a GAN step about 27, so the profile's
+# 5 000 DM steps for the 7 students per seed would take about 4 core-hours; every K gets the same budget.
 DMD_BUDGET = {"tsm_steps": 0.2, "steps": 0.1, "gan_steps": 0.03}
 DMD_STUDENTS = (1, 2, 4)
 
